@@ -14,6 +14,9 @@ from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = "pretrained/adaface_ir101_webface12m.ckpt"
+#: What ``make weights`` downloads (the CVLFace release on Hugging Face); used when the default
+#: ``.ckpt`` is absent and ADAFACE_WEIGHTS is not set.
+DOWNLOADED_WEIGHTS = "pretrained/adaface_ir101_webface12m.safetensors"
 PREFIX = "ADAFACE_"
 
 
@@ -49,6 +52,10 @@ class Settings:
     api_keys: str = ""                      # comma-separated keys; empty: no auth
     api_keys_file: str = ""                 # file with one key per line
     log_level: str = "INFO"
+    # gunicorn (read by gunicorn.conf.py)
+    bind: str = "0.0.0.0:30035"
+    workers: int = 1                        # processes; each holds a model (about 0.5 GB with IR-101)
+    timeout: int = 300                      # seconds before gunicorn restarts a silent worker
     warmup: bool = True                     # run one embedding before /readyz says ready
 
     @classmethod
@@ -69,7 +76,10 @@ class Settings:
     def weights_path(self) -> Path:
         """The weights path, relative paths taken from the repository folder."""
         path = Path(self.weights).expanduser()
-        return path if path.is_absolute() else REPO_DIR / path
+        path = path if path.is_absolute() else REPO_DIR / path
+        if self.weights == DEFAULT_WEIGHTS and not path.exists() and (REPO_DIR / DOWNLOADED_WEIGHTS).exists():
+            return REPO_DIR / DOWNLOADED_WEIGHTS
+        return path
 
     def api_key_list(self) -> list:
         """The accepted API keys from ``api_keys`` and ``api_keys_file`` (blank lines ignored)."""

@@ -1,0 +1,46 @@
+"""gunicorn settings for the AdaFace service: ``gunicorn -c gunicorn.conf.py flask_http_server:app``.
+
+gunicorn also reads this file when started from this folder without ``-c`` (it is the default
+config file name), so the original command line gets these defaults too; command-line flags
+such as ``-w 3`` or ``-b`` still win. Values come from the ``ADAFACE_*`` settings (config.py).
+
+CPU inference: one worker by default, so that every request shares one model and one batcher
+(batching across requests needs them in one process), with torch using every core. With more
+workers each gets cores / workers torch threads, so cores are never oversubscribed.
+"""
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from config import Settings  # noqa: E402
+
+_settings = Settings.from_env()
+
+bind = _settings.bind
+workers = _settings.workers
+worker_class = "gevent"
+worker_connections = 1000
+timeout = _settings.timeout
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = _settings.log_level.lower()
+
+# Prometheus: every worker writes its samples here; /metrics sums the live workers.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="adaface-metrics-")
+
+
+def post_fork(server, worker):
+    """Give each worker cores / workers torch threads unless ADAFACE_THREADS says otherwise."""
+    if not os.environ.get("ADAFACE_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["ADAFACE_THREADS"] = str(max(1, cores // max(1, server.cfg.workers)))
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the aggregated metrics."""
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,57 @@
+"""Prometheus metrics, correct with several gunicorn workers.
+
+When ``PROMETHEUS_MULTIPROC_DIR`` is set (``gunicorn.conf.py`` sets it), every worker writes its
+samples there and ``/metrics`` aggregates all live workers; otherwise one process's registry.
+"""
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+
+
+def multiprocess_dir():
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+class Metrics:
+    """The service's metrics on a private registry (so tests can build many apps)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("adaface_requests_total", "HTTP requests by route and status",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("adaface_request_seconds", "HTTP request latency by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.faces = Histogram("adaface_faces_per_image", "faces embedded per image",
+                               buckets=(0, 1, 2, 3, 5, 10, 20, 50), registry=r)
+        self.batch = Histogram("adaface_batch_size", "faces per network forward",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.forward = Histogram("adaface_forward_seconds", "time of one batched network forward",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Gauge("adaface_queue_depth", "images admitted and not yet answered",
+                           registry=r, multiprocess_mode="livesum")
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch.observe(size)
+        self.forward.observe(seconds)
+
+    def observe_faces(self, count: int) -> None:
+        self.faces.observe(count)
+
+    def queue_depth(self, depth: int) -> None:
+        self.queue.set(depth)
+
+    def exposition(self) -> tuple:
+        """(body bytes, content type) for ``GET /metrics``."""
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,49 @@
+"""Native OS threads and locks, also under gevent's monkey-patching.
+
+gunicorn's gevent worker patches ``threading`` into greenlets, which would run model work on
+the event loop and block every other request (and ``/livez``). Inference therefore runs in
+real threads built from the original ``_thread`` primitives; a request greenlet waits for it
+through gevent's thread pool, which yields to the loop while the native thread works.
+"""
+import os
+
+try:
+    from gevent import monkey as _monkey
+except ImportError:  # gevent is optional outside the gunicorn worker
+    _monkey = None
+
+
+def _original(module: str, name: str):
+    if _monkey is not None:
+        return _monkey.get_original(module, name)
+    return getattr(__import__(module), name)
+
+
+allocate_lock = _original("_thread", "allocate_lock")
+start_new_thread = _original("_thread", "start_new_thread")
+
+
+def gevent_active() -> bool:
+    """True inside a gevent-patched process (the gunicorn gevent worker)."""
+    return _monkey is not None and _monkey.is_module_patched("threading")
+
+
+class Offloader:
+    """Runs blocking calls in native threads; ``call(fn, *args)`` returns fn's result or raises.
+
+    Under gevent the calling greenlet waits in a gevent ThreadPool of ``size`` native threads;
+    elsewhere (tests, the development server, sync workers) the caller's thread runs ``fn``.
+    The pool is made lazily in the process that uses it (after gunicorn's fork).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._pool, self._pid = None, None
+
+    def call(self, fn, *args):
+        if not gevent_active():
+            return fn(*args)
+        if self._pool is None or self._pid != os.getpid():
+            from gevent.threadpool import ThreadPool
+            self._pool, self._pid = ThreadPool(self.size), os.getpid()
+        return self._pool.apply(fn, args)

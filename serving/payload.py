@@ -1,0 +1,127 @@
+"""Request parsing: where the image(s) are in a request, and the embedding options.
+
+One image: a raw image body, a base64 text body (told apart by content), JSON
+``{"image": "<base64>"}`` or a multipart form with one file. A batch: JSON
+``{"images": ["<base64>", ...]}`` or a multipart form with several files (or a field named
+``images``). Base64 may carry a ``data:image/...;base64,`` prefix.
+"""
+from flask import Request
+
+from .errors import ApiError
+
+FACES = ("largest", "score", "all")
+ALIGN = ("auto", "always", "never")
+
+
+def _json_body(request: Request):
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(400, "bad_json", "the body is not valid JSON")
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", 'the JSON body must be an object such as {"image": "<base64>"}')
+    return body
+
+
+def _check_text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError(400, "bad_json", f"{where} must be a base64 string")
+    return value
+
+
+def _form_files(request: Request) -> tuple:
+    files = [(key, f) for key in request.files for f in request.files.getlist(key)]
+    if not files:
+        raise ApiError(400, "no_image", "the multipart form has no file field")
+    return [f.read() for _, f in files], len(files) > 1 or files[0][0] == "images"
+
+
+def is_json(request: Request) -> bool:
+    return request.mimetype == "application/json"
+
+
+def image_inputs(request: Request, max_images: int) -> tuple:
+    """Return ``(inputs, is_batch)``: the images as bytes or base64 text, and whether the request
+    was a batch (then the answer has one entry per image)."""
+    if request.mimetype == "multipart/form-data":
+        inputs, batch = _form_files(request)
+    elif is_json(request):
+        body = _json_body(request)
+        if "images" in body:
+            if not isinstance(body["images"], list) or not body["images"]:
+                raise ApiError(400, "bad_json", '"images" must be a non-empty list of base64 strings')
+            inputs = [_check_text(v, f"images[{i}]") for i, v in enumerate(body["images"])]
+            batch = True
+        elif "image" in body:
+            inputs, batch = [_check_text(body["image"], '"image"')], False
+        else:
+            raise ApiError(400, "bad_json", 'the JSON body needs "image" (one base64 image) or "images" (a list)')
+    else:
+        inputs, batch = [request.get_data(cache=False)], False
+    if len(inputs) > max_images:
+        raise ApiError(413, "too_many_images", f"{len(inputs)} images in one request; the limit is {max_images}")
+    return inputs, batch
+
+
+def pair_inputs(request: Request) -> list:
+    """The two images of a verify request: JSON ``image1``/``image2`` or ``images`` [a, b], or a
+    multipart form with two files."""
+    if request.mimetype == "multipart/form-data":
+        inputs, _ = _form_files(request)
+    elif is_json(request):
+        body = _json_body(request)
+        if "images" in body and isinstance(body["images"], list):
+            inputs = [_check_text(v, f"images[{i}]") for i, v in enumerate(body["images"])]
+        else:
+            inputs = [_check_text(body.get(k), f'"{k}"') for k in ("image1", "image2")]
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       "send the two images as JSON {\"image1\": ..., \"image2\": ...} or as a multipart form")
+    if len(inputs) != 2:
+        raise ApiError(400, "need_two_images", f"verify compares exactly two images; got {len(inputs)}")
+    return inputs
+
+
+def _int_arg(args, name: str, low: int, high: int):
+    raw = args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "bad_option", f"{name} must be an integer; got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, "bad_option", f"{name} must be between {low} and {high}; got {value}")
+    return value
+
+
+def _choice_arg(args, name: str, allowed: tuple, default: str) -> str:
+    value = args.get(name) or default
+    if value not in allowed:
+        raise ApiError(400, "bad_option", f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def embed_options(args, settings) -> dict:
+    """Query-string options -> keyword arguments of ``AdaFaceFeature.prepare``."""
+    options = {"faces": _choice_arg(args, "faces", FACES, settings.faces),
+               "align_mode": _choice_arg(args, "align", ALIGN, settings.align)}
+    max_faces = _int_arg(args, "max_faces", 1, 1000)
+    if max_faces is not None:
+        options["max_faces"] = max_faces
+    min_face = _int_arg(args, "min_face_size", 1, 10000)
+    if min_face is not None:
+        options["min_face_size"] = float(min_face)
+    return options
+
+
+def threshold_arg(args, default: float) -> float:
+    raw = args.get("threshold")
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, "bad_option", f"threshold must be a number; got {raw!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise ApiError(400, "bad_option", f"threshold must be between -1 and 1; got {value}")
+    return value
