@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 import net
-from config import Settings
+from backends import make_backend
+from config import REPO_DIR, Settings
 from face_alignment import CROP_SIZE, MTCNN, AlignmentError, DetectorParams, align
 from image_decode import decode_any, decode_image
 
@@ -162,11 +163,13 @@ class AdaFaceFeature:
 
     ``weights`` is a checkpoint path (any form :func:`net.load_backbone` reads) or ``"synthetic"``
     for deterministic random weights (for trying things out; the embeddings mean nothing).
+    ``backend`` is ``torch``, ``onnx`` or ``auto`` (see :mod:`backends`).
     """
 
     def __init__(self, weights: str | Path = SYNTHETIC, arch: str | None = None, device: str = "auto",
                  detector_params: DetectorParams = DetectorParams(), max_faces: int = 20,
-                 max_pixels: int = 89_478_485, batch_size: int = 32):
+                 max_pixels: int = 89_478_485, batch_size: int = 32, backend: str = "torch",
+                 cache_dir: str | Path = REPO_DIR / "data" / "cache"):
         self.device = resolve_device(device)
         self.synthetic = str(weights) == SYNTHETIC
         if self.synthetic:
@@ -179,6 +182,11 @@ class AdaFaceFeature:
             self.backbone = net.load_backbone(self.weights_path, arch=arch or None, device=self.device)
             self.arch = next(n for n, d in net.ARCHS.items() if d == self.backbone.units_per_stage)
             self.weights_sha256 = net.file_sha256(self.weights_path)
+        key = f"{self.arch}-seed0-torch{torch.__version__.split('+')[0]}" if self.synthetic else self.weights_sha256[:16]
+        self.forward = make_backend(backend, self.backbone, self.device, key, self.weights_path,
+                                    Path(cache_dir), torch.get_num_threads())
+        if self.forward.name != "torch":
+            self.backbone = None  # the backend holds its own copy of the weights
         self.detector = MTCNN(self.device, detector_params)
         self.max_faces = max_faces
         self.max_pixels = max_pixels
@@ -193,7 +201,7 @@ class AdaFaceFeature:
         weights = SYNTHETIC if s.weights == SYNTHETIC else s.weights_path()
         params = DetectorParams(min_face_size=s.min_face_size, max_side=s.detect_max_side or None)
         return cls(weights, arch=s.arch or None, device=s.device, detector_params=params,
-                   max_faces=s.max_faces, max_pixels=s.max_pixels)
+                   max_faces=s.max_faces, max_pixels=s.max_pixels, backend=s.backend, cache_dir=s.cache_path())
 
     # -- preprocessing ---------------------------------------------------------------------
 
@@ -247,9 +255,9 @@ class AdaFaceFeature:
             return np.zeros((0, EMBEDDING_SIZE), np.float32), np.zeros(0, np.float32)
         outputs, norms = [], []
         for start in range(0, len(crops), self.batch_size):
-            emb, norm = self.backbone(crops_to_tensor(crops[start:start + self.batch_size], self.device))
-            outputs.append(emb.float().cpu().numpy())
-            norms.append(norm[:, 0].float().cpu().numpy())
+            emb, norm = self.forward(crops_to_tensor(crops[start:start + self.batch_size], self.device))
+            outputs.append(emb)
+            norms.append(norm)
         return np.concatenate(outputs), np.concatenate(norms)
 
     def embed_prepared(self, prepared: Sequence[PreparedImage]) -> list:
@@ -279,7 +287,7 @@ class AdaFaceFeature:
         """What is loaded: architecture, weights file and sha256, device."""
         return {"arch": self.arch, "weights": SYNTHETIC if self.synthetic else str(self.weights_path),
                 "weights_sha256": self.weights_sha256, "synthetic": self.synthetic,
-                "device": str(self.device), "embedding_size": EMBEDDING_SIZE}
+                "device": str(self.device), "backend": self.forward.name, "embedding_size": EMBEDDING_SIZE}
 
 
 # -- command line ----------------------------------------------------------------------------

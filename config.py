@@ -33,6 +33,8 @@ class Settings:
     arch: str = ""                          # ir_18 | ir_34 | ir_50 | ir_101; empty: from the weights
     device: str = "auto"                    # auto | cpu | cuda | cuda:N
     threads: int = 0                        # torch intra-op threads per worker; 0: cores / workers
+    backend: str = "auto"                   # auto | torch | onnx (auto: ONNX Runtime on CPU, torch on CUDA)
+    cache_dir: str = "data/cache"           # exported ONNX graphs when the weights' folder is read-only
     # detection and alignment
     align: str = "auto"                     # auto | always | never
     faces: str = "largest"                  # largest | score | all
@@ -80,6 +82,10 @@ class Settings:
         if self.weights == DEFAULT_WEIGHTS and not path.exists() and (REPO_DIR / DOWNLOADED_WEIGHTS).exists():
             return REPO_DIR / DOWNLOADED_WEIGHTS
         return path
+
+    def cache_path(self) -> Path:
+        path = Path(self.cache_dir).expanduser()
+        return path if path.is_absolute() else REPO_DIR / path
 
     def api_key_list(self) -> list:
         """The accepted API keys from ``api_keys`` and ``api_keys_file`` (blank lines ignored)."""

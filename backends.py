@@ -1,0 +1,133 @@
+"""Inference backends for the IR backbone: PyTorch eager, or ONNX Runtime on an exported graph.
+
+Both take N×3×112×112 float32 BGR tensors scaled as (x / 255 - 0.5) / 0.5 and return
+(float32 N×512 unit embeddings, float32 N norms) as NumPy arrays.
+
+ONNX Runtime runs the same graph faster on CPU. The graph is exported once and cached beside the
+weights (``<weights file>.<sha256[:16]>.onnx``), or under the cache folder when that folder is
+read-only or the weights are synthetic; before use it is checked against PyTorch on a fixed
+batch (cosine >= 0.99999), and ``auto`` falls back to PyTorch with a warning if anything fails.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+OPSET = 17
+PARITY_COSINE = 0.99999
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here (e.g. ONNX Runtime missing or its output differs)."""
+
+
+class TorchBackend:
+    """PyTorch eager on the model's device, under inference mode."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> tuple:
+        emb, norm = self.model(batch)
+        return emb.float().cpu().numpy(), norm[:, 0].float().cpu().numpy()
+
+
+class OnnxBackend:
+    """ONNX Runtime (CPU) session over an exported graph file."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: torch.Tensor) -> tuple:
+        emb, norm = self.session.run(None, {"input": np.ascontiguousarray(batch.cpu().numpy())})
+        return emb, norm[:, 0]
+
+
+def _writable(folder: Path) -> bool:
+    return folder.is_dir() and os.access(folder, os.W_OK)
+
+
+def onnx_path(cache_key: str, weights_path: Path | None, cache_dir: Path) -> Path:
+    """Where the exported graph for these weights lives (see the module docstring)."""
+    if weights_path is not None and _writable(weights_path.parent):
+        return weights_path.with_name(f"{weights_path.name}.{cache_key}.onnx")
+    name = weights_path.name if weights_path is not None else "synthetic"
+    return cache_dir / f"{name}.{cache_key}.onnx"
+
+
+def export_onnx(model: torch.nn.Module, path: Path) -> None:
+    """Export the backbone with a dynamic batch axis; written to a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    example = torch.zeros(1, 3, 112, 112, device=next(model.parameters()).device)
+    dynamic = {"input": {0: "n"}, "embedding": {0: "n"}, "norm": {0: "n"}}
+    try:
+        torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["embedding", "norm"],
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_parity(reference: TorchBackend, candidate: OnnxBackend) -> float:
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.rand(2, 3, 112, 112, generator=generator) * 2 - 1
+    expected, _ = reference(batch)
+    got, _ = candidate(batch)
+    cosine = float(np.min(np.sum(expected * got, axis=1)))
+    if not cosine >= PARITY_COSINE:
+        raise BackendError(f"ONNX Runtime output differs from PyTorch (cosine {cosine:.6f} < {PARITY_COSINE})")
+    return cosine
+
+
+def _onnx(model, cache_key, weights_path, cache_dir, threads) -> OnnxBackend:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise BackendError("onnxruntime is not installed (pip install onnxruntime)") from exc
+    path = onnx_path(cache_key, weights_path, cache_dir)
+    if not path.exists():
+        logger.info("exporting the backbone to ONNX at %s (once; cached)", path)
+        export_onnx(model, path)
+    backend = OnnxBackend(path, threads)
+    cosine = _check_parity(TorchBackend(model), backend)
+    logger.info("ONNX Runtime backend ready (%s, cosine to PyTorch %.7f)", path.name, cosine)
+    return backend
+
+
+def make_backend(name: str, model: torch.nn.Module, device: torch.device, cache_key: str,
+                 weights_path: Path | None, cache_dir: Path, threads: int):
+    """The backend ``name`` (auto | torch | onnx) for ``model``; auto = ONNX Runtime on CPU when it
+    works, else PyTorch. ``cache_key`` names the weights (e.g. the first 16 hex of their sha256)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "torch" or (name == "auto" and device.type != "cpu"):
+        return TorchBackend(model)
+    if device.type != "cpu":
+        raise BackendError("the onnx backend runs on CPU only; use ADAFACE_BACKEND=torch on CUDA")
+    try:
+        return _onnx(model, cache_key, weights_path, cache_dir, threads)
+    except Exception as exc:
+        if name == "onnx":
+            raise BackendError(f"the onnx backend failed: {exc}") from exc
+        logger.warning("ONNX Runtime unavailable (%s); using PyTorch", exc)
+        return TorchBackend(model)
