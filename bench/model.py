@@ -1,0 +1,88 @@
+"""Raw IR backbone throughput per backend and batch size (no HTTP, no detection).
+
+    python bench/model.py [--arch ir_101] [--backends torch,onnx] [--batches 1,2,4,8] [--seconds 6] [--threads N]
+
+Synthetic weights (the cost does not depend on the values). For each backend and batch size it
+runs forwards for about ``--seconds`` after one warm-up and prints faces/s (median of the
+per-forward rates), milliseconds per forward and GFLOP/s (FLOPs counted by torch; IR-101: 24.2 per face).
+``--json`` prints the results as JSON (bench/service.py uses it to measure the raw figure in
+the same run).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+
+def gflop_per_face(model) -> float:
+    """Counted FLOPs of one 112×112 forward (convolutions and the linear layer), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.zeros(1, 3, 112, 112))
+    return counter.get_total_flops() / 1e9
+
+
+def measure(forward, batch: int, seconds: float) -> dict:
+    """Time repeated forwards of a random N×3×112×112 batch; median rate over the runs."""
+    x = torch.rand(batch, 3, 112, 112) * 2 - 1
+    forward(x)  # warm-up (allocations, ONNX Runtime's first-run planning)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        began = time.perf_counter()
+        forward(x)
+        times.append(time.perf_counter() - began)
+    median = statistics.median(times)
+    return {"batch": batch, "runs": len(times), "ms_per_forward": median * 1000, "faces_per_s": batch / median}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="ir_101")
+    parser.add_argument("--backends", default="torch,onnx")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import tempfile
+
+    from AdaFaceFeature import AdaFaceFeature
+    import net
+    gflop = gflop_per_face(net.synthetic_backbone(args.arch))
+    results = []
+    cache = tempfile.mkdtemp(prefix="adaface-bench-")
+    for backend in args.backends.split(","):
+        extractor = AdaFaceFeature("synthetic", arch=args.arch, device="cpu", backend=backend, cache_dir=cache)
+        for batch in (int(b) for b in args.batches.split(",")):
+            row = {"backend": backend, **measure(extractor.forward, batch, args.seconds)}
+            row["gflops"] = row["faces_per_s"] * gflop
+            results.append(row)
+            if not args.json:
+                print(f"{backend:6} batch {batch:3}  {row['faces_per_s']:6.2f} faces/s  "
+                      f"{row['ms_per_forward']:8.1f} ms/forward  {row['gflops']:6.1f} GFLOP/s  ({row['runs']} runs)",
+                      flush=True)
+        del extractor
+    best = max(results, key=lambda r: r["faces_per_s"])
+    summary = {"arch": args.arch, "threads": args.threads, "gflop_per_face": gflop, "results": results, "best": best}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.arch}: {gflop:.2f} GFLOP per face")
+        print(f"best: {best['backend']} batch {best['batch']}: {best['faces_per_s']:.2f} faces/s "
+              f"({best['gflops']:.1f} GFLOP/s, {args.threads} threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The gallery storage interface: galleries -> identities -> faces, and a change log.
+
+A gallery is a named collection of identities; an identity has a name (unique in its gallery),
+optional JSON metadata, and faces; a face is one embedding (float32 (512,), unit length) with its
+pre-normalisation norm and the sha256 of the photo it came from. Enrolling the same photo (same
+sha256) for the same identity twice stores it once.
+
+Every write that adds or removes faces bumps the gallery's ``version`` and records, under that
+version, one change row per face touched. Search indexes (:mod:`gallery.index`) hold a version and
+catch up by reading the changes after it (:meth:`GalleryStore.delta`); versions of one gallery
+commit in order, so reading "everything after v" never misses a change.
+
+Backends: :class:`gallery.sqlite_store.SqliteStore` (``sqlite:///path``) and
+:class:`gallery.postgres_store.PostgresStore` (``postgresql://...``); :func:`open_store` picks by URL.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import BadNameError, StoreUrlError
+
+EMBEDDING_SIZE = 512
+GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_IDENTITY_NAME = 200
+MAX_METADATA_BYTES = 16 * 1024
+#: the change-log version a dropped gallery is announced with
+DROPPED = -1
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """A gallery row; ``identities`` and ``faces`` are counts, ``version`` its change-log head."""
+
+    id: int
+    name: str
+    created_at: float
+    version: int
+    identities: int = 0
+    faces: int = 0
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    """A stored face (without its embedding): id, owner, norm and the photo's sha256 (hex)."""
+
+    id: int
+    identity_id: int
+    norm: float
+    photo_sha256: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An identity; ``faces`` is filled by :meth:`GalleryStore.get_identity`, else empty."""
+
+    id: int
+    name: str
+    metadata: Optional[dict]
+    created_at: float
+    face_count: int = 0
+    faces: tuple = ()
+
+
+@dataclass(frozen=True)
+class NewFace:
+    """A face to enroll: embedding float32 (512,) unit length, its norm, the photo's sha256 (hex)."""
+
+    embedding: np.ndarray
+    norm: float
+    photo_sha256: str
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """What an enroll did: the identity, and for each face given its record and whether it is new."""
+
+    identity: Identity
+    faces: list
+    created_identity: bool = False
+
+    @property
+    def added(self) -> int:
+        return sum(1 for _, new in self.faces if new)
+
+
+@dataclass
+class Rows:
+    """Faces for a search index: ids (int64 (n,)), identities (int64 (n,)), vectors float32 (n, 512).
+
+    From :meth:`GalleryStore.snapshot` all of a gallery's faces at ``version``; from
+    :meth:`GalleryStore.delta` ``touched`` lists every face id added or removed after the base
+    version, and the other arrays those of them that still exist.
+    """
+
+    version: int
+    face_ids: np.ndarray
+    identity_ids: np.ndarray
+    vectors: np.ndarray
+    touched: Optional[np.ndarray] = None
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    """One face for export/import: identity name and metadata, photo sha256, norm, embedding."""
+
+    identity: str
+    metadata: Optional[dict]
+    photo_sha256: str
+    norm: float
+    embedding: np.ndarray = field(repr=False)
+
+
+def check_gallery_name(name) -> str:
+    if not isinstance(name, str) or not GALLERY_NAME.fullmatch(name):
+        raise BadNameError("a gallery name is 1 to 64 characters: letters, digits, '_', '.', '-' "
+                           f"(starting with a letter or digit); got {name!r}")
+    return name
+
+
+def check_identity_name(name) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_IDENTITY_NAME or "/" in name \
+            or any(ord(c) < 32 or ord(c) == 127 for c in name) or name != name.strip():
+        raise BadNameError(f"an identity name is 1 to {MAX_IDENTITY_NAME} characters, without '/', control "
+                           f"characters or surrounding spaces; got {name!r}")
+    return name
+
+
+def check_metadata(metadata) -> Optional[str]:
+    """None or a JSON object -> its JSON text (stored as is); anything else is a BadNameError."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise BadNameError("metadata must be a JSON object")
+    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise BadNameError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
+    return text
+
+
+def vector_blob(embedding: np.ndarray) -> bytes:
+    """float32 (512,) -> 2,048 little-endian bytes, the stored form."""
+    v = np.asarray(embedding, dtype="<f4").reshape(-1)
+    if v.shape != (EMBEDDING_SIZE,) or not np.all(np.isfinite(v)):
+        raise ValueError(f"an embedding is {EMBEDDING_SIZE} finite float32 values; got shape {v.shape}")
+    return v.tobytes()
+
+
+def blobs_to_matrix(blobs: Sequence[bytes]) -> np.ndarray:
+    """Stored blobs -> float32 (n, 512)."""
+    if not blobs:
+        return np.zeros((0, EMBEDDING_SIZE), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), EMBEDDING_SIZE).astype(np.float32)
+
+
+class GalleryStore:
+    """The interface both backends implement (see the module docstring).
+
+    Methods raise :mod:`gallery.errors` for bad names and missing or duplicate rows, and
+    :class:`gallery.errors.StoreUnavailableError` when the database cannot be used. All methods
+    are safe to call from several threads.
+    """
+
+    url: str
+
+    # galleries
+    def create_gallery(self, name: str) -> Gallery: ...
+    def ensure_gallery(self, name: str) -> Gallery: ...
+    def get_gallery(self, name: str) -> Gallery: ...
+    def list_galleries(self) -> list: ...
+    def delete_gallery(self, name: str) -> None: ...
+
+    # identities and faces
+    def enroll(self, gallery: str, identity: str, faces: Sequence[NewFace],
+               metadata: Optional[dict] = None) -> Enrolled: ...
+    def list_identities(self, gallery: str, limit: int = 100, offset: int = 0) -> list: ...
+    def get_identity(self, gallery: str, name: str) -> Identity: ...
+    def update_identity(self, gallery: str, name: str, new_name: Optional[str] = None,
+                        metadata: Optional[dict] = None) -> Identity: ...
+    def delete_identity(self, gallery: str, name: str) -> int: ...
+    def delete_face(self, gallery: str, face_id: int) -> None: ...
+    def photo_hashes(self, gallery: str) -> set: ...
+    def export_rows(self, gallery: str) -> Iterator[ExportRow]: ...
+
+    # for search indexes
+    def gallery_state(self, name: str) -> Optional[tuple]: ...
+    def snapshot(self, gallery_id: int) -> Rows: ...
+    def delta(self, gallery_id: int, after_version: int) -> Rows: ...
+    def identities_by_id(self, ids: Sequence[int]) -> dict: ...
+
+    def subscribe(self, on_change: Callable[[int, int], None], on_reconnect: Callable[[], None]) -> bool:
+        """Call ``on_change(gallery_id, version)`` from a background thread when another process
+        writes (``version`` is :data:`DROPPED` for a dropped gallery) and ``on_reconnect()`` after
+        a lost connection; False where the backend has no notifications (search then checks the
+        version before each query)."""
+        return False
+
+    def close(self) -> None: ...
+
+
+def sqlite_path(url: str, base: Path) -> Path:
+    """``sqlite:///relative/path`` (relative to ``base``) or ``sqlite:////absolute/path``."""
+    rest = url[len("sqlite:///"):]
+    if not rest:
+        raise StoreUrlError(f"ADAFACE_GALLERY_URL={url!r} names no file: use sqlite:///path/to/gallery.db")
+    path = Path(rest).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def open_store(url: str, base: Optional[Path] = None) -> GalleryStore:
+    """The store for ``url``: ``sqlite:///path`` (relative paths from ``base``, the repository by
+    default) or ``postgresql://user:password@host:port/database`` (also ``postgres://``)."""
+    if url.startswith("sqlite:///"):
+        from .sqlite_store import SqliteStore
+        if base is None:
+            from config import REPO_DIR
+            base = REPO_DIR
+        return SqliteStore(sqlite_path(url, base))
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres_store import PostgresStore
+        return PostgresStore(url)
+    raise StoreUrlError(f"ADAFACE_GALLERY_URL={url!r}: use sqlite:///path/to/gallery.db or "
+                        "postgresql://user:password@host:5432/database")
