@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from AdaFaceFeature import AdaFaceFeature
@@ -70,6 +71,16 @@ def memoize_detect(detector):
         return memo[key]
 
     detector.detect = cached
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Run this module's torch work on one thread: on a shared 2-core box, two OpenMP threads
+    contending with other processes run several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,295 @@
+"""The SQL both backends share: every store operation written once over a tiny transaction API.
+
+Statements use ``%s`` placeholders (SQLite's backend rewrites them to ``?``). A backend supplies
+``_transaction(write)``, a context manager yielding a :class:`Tx`; a write transaction serialises
+with other writers to the same gallery (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: the row lock
+taken by the version bump), so a gallery's versions commit in order.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import (FaceNotFoundError, GalleryExistsError, GalleryNotFoundError, IdentityExistsError,
+                     IdentityNotFoundError)
+from .store import (ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace, Rows,
+                    DROPPED, blobs_to_matrix, check_gallery_name, check_identity_name, check_metadata,
+                    vector_blob)
+
+#: ids per IN (...) list
+CHUNK = 500
+
+
+class Tx:
+    """One transaction's statements: ``one``/``all`` fetch rows, ``run`` returns the row count.
+    ``notify(gallery_id, version)`` announces a change at commit where the backend can."""
+
+    def one(self, sql: str, args: Sequence = ()) -> Optional[tuple]:
+        raise NotImplementedError
+
+    def all(self, sql: str, args: Sequence = ()) -> list:
+        raise NotImplementedError
+
+    def run(self, sql: str, args: Sequence = ()) -> int:
+        raise NotImplementedError
+
+    def notify(self, gallery_id: int, version: int) -> None:
+        """Nothing by default (SQLite readers poll the version)."""
+
+
+def _marks(n: int) -> str:
+    return ",".join(["%s"] * n)
+
+
+def _metadata(text) -> Optional[dict]:
+    return None if text is None else json.loads(text)
+
+
+class SqlStore(GalleryStore):
+    """All of :class:`GalleryStore` in SQL; subclasses add connections and transactions."""
+
+    def _transaction(self, write: bool):
+        raise NotImplementedError
+
+    @contextmanager
+    def _read(self) -> Iterator[Tx]:
+        with self._transaction(False) as tx:
+            yield tx
+
+    @contextmanager
+    def _write(self) -> Iterator[Tx]:
+        with self._transaction(True) as tx:
+            yield tx
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _gallery_id(tx: Tx, name: str) -> int:
+        row = tx.one("SELECT id FROM adaface_galleries WHERE name = %s", (check_gallery_name(name),))
+        if row is None:
+            raise GalleryNotFoundError(name)
+        return row[0]
+
+    @staticmethod
+    def _identity_row(tx: Tx, gallery_id: int, gallery: str, name: str) -> tuple:
+        row = tx.one("SELECT id, name, metadata, created_at FROM adaface_identities "
+                     "WHERE gallery_id = %s AND name = %s", (gallery_id, check_identity_name(name)))
+        if row is None:
+            raise IdentityNotFoundError(gallery, name)
+        return row
+
+    @staticmethod
+    def _record(tx: Tx, gallery_id: int, face_ids: Sequence[int], op: str) -> int:
+        """Bump the gallery's version and log ``op`` ('add' or 'del') for each face; the new version."""
+        version = tx.one("UPDATE adaface_galleries SET version = version + 1 WHERE id = %s RETURNING version",
+                         (gallery_id,))[0]
+        for start in range(0, len(face_ids), CHUNK):
+            chunk = face_ids[start:start + CHUNK]
+            values = ",".join(["(%s, %s, %s, %s)"] * len(chunk))
+            args = [a for fid in chunk for a in (gallery_id, version, fid, op)]
+            tx.run(f"INSERT INTO adaface_changes (gallery_id, version, face_id, op) VALUES {values}", args)
+        tx.notify(gallery_id, version)
+        return version
+
+    @staticmethod
+    def _gallery(row) -> Gallery:
+        return Gallery(id=row[0], name=row[1], created_at=row[2], version=row[3],
+                       identities=row[4] if len(row) > 4 else 0, faces=row[5] if len(row) > 5 else 0)
+
+    _GALLERY_COLUMNS = ("g.id, g.name, g.created_at, g.version, "
+                        "(SELECT count(*) FROM adaface_identities i WHERE i.gallery_id = g.id), "
+                        "(SELECT count(*) FROM adaface_faces f WHERE f.gallery_id = g.id)")
+
+    # -- galleries ---------------------------------------------------------------------------
+
+    def create_gallery(self, name: str) -> Gallery:
+        check_gallery_name(name)
+        with self._write() as tx:
+            row = tx.one("INSERT INTO adaface_galleries (name, created_at, version) VALUES (%s, %s, 0) "
+                         "ON CONFLICT (name) DO NOTHING RETURNING id, name, created_at, version",
+                         (name, time.time()))
+        if row is None:
+            raise GalleryExistsError(name)
+        return self._gallery(row)
+
+    def ensure_gallery(self, name: str) -> Gallery:
+        check_gallery_name(name)
+        with self._write() as tx:
+            tx.run("INSERT INTO adaface_galleries (name, created_at, version) VALUES (%s, %s, 0) "
+                   "ON CONFLICT (name) DO NOTHING", (name, time.time()))
+        return self.get_gallery(name)
+
+    def get_gallery(self, name: str) -> Gallery:
+        check_gallery_name(name)
+        with self._read() as tx:
+            row = tx.one(f"SELECT {self._GALLERY_COLUMNS} FROM adaface_galleries g WHERE g.name = %s", (name,))
+        if row is None:
+            raise GalleryNotFoundError(name)
+        return self._gallery(row)
+
+    def list_galleries(self) -> list:
+        with self._read() as tx:
+            rows = tx.all(f"SELECT {self._GALLERY_COLUMNS} FROM adaface_galleries g ORDER BY g.name")
+        return [self._gallery(r) for r in rows]
+
+    def delete_gallery(self, name: str) -> None:
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, name)
+            tx.run("DELETE FROM adaface_changes WHERE gallery_id = %s", (gallery_id,))
+            tx.run("DELETE FROM adaface_faces WHERE gallery_id = %s", (gallery_id,))
+            tx.run("DELETE FROM adaface_identities WHERE gallery_id = %s", (gallery_id,))
+            tx.run("DELETE FROM adaface_galleries WHERE id = %s", (gallery_id,))
+            tx.notify(gallery_id, DROPPED)
+
+    # -- identities and faces ----------------------------------------------------------------
+
+    def enroll(self, gallery: str, identity: str, faces: Sequence[NewFace],
+               metadata: Optional[dict] = None) -> Enrolled:
+        check_identity_name(identity)
+        meta_text = check_metadata(metadata)
+        blobs = [vector_blob(f.embedding) for f in faces]
+        now = time.time()
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            created = tx.one("INSERT INTO adaface_identities (gallery_id, name, metadata, created_at) "
+                             "VALUES (%s, %s, %s, %s) ON CONFLICT (gallery_id, name) DO NOTHING RETURNING id",
+                             (gallery_id, identity, meta_text, now)) is not None
+            if not created and meta_text is not None:
+                tx.run("UPDATE adaface_identities SET metadata = %s WHERE gallery_id = %s AND name = %s",
+                       (meta_text, gallery_id, identity))
+            ident = self._identity_row(tx, gallery_id, gallery, identity)
+            results, added = [], []
+            for face, blob in zip(faces, blobs):
+                row = tx.one("INSERT INTO adaface_faces (identity_id, gallery_id, embedding, norm, photo_sha256, "
+                             "created_at) VALUES (%s, %s, %s, %s, %s, %s) "
+                             "ON CONFLICT (identity_id, photo_sha256) DO NOTHING RETURNING id, created_at",
+                             (ident[0], gallery_id, blob, float(face.norm), face.photo_sha256, now))
+                if row is not None:
+                    added.append(row[0])
+                    record = FaceRecord(row[0], ident[0], float(face.norm), face.photo_sha256, row[1])
+                else:
+                    old = tx.one("SELECT id, norm, created_at FROM adaface_faces "
+                                 "WHERE identity_id = %s AND photo_sha256 = %s", (ident[0], face.photo_sha256))
+                    record = FaceRecord(old[0], ident[0], old[1], face.photo_sha256, old[2])
+                results.append((record, row is not None))
+            if added:
+                self._record(tx, gallery_id, added, "add")
+            count = tx.one("SELECT count(*) FROM adaface_faces WHERE identity_id = %s", (ident[0],))[0]
+        identity_record = Identity(ident[0], ident[1], _metadata(ident[2]), ident[3], count)
+        return Enrolled(identity_record, results, created)
+
+    def list_identities(self, gallery: str, limit: int = 100, offset: int = 0) -> list:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            rows = tx.all("SELECT i.id, i.name, i.metadata, i.created_at, "
+                          "(SELECT count(*) FROM adaface_faces f WHERE f.identity_id = i.id) "
+                          "FROM adaface_identities i WHERE i.gallery_id = %s ORDER BY i.name LIMIT %s OFFSET %s",
+                          (gallery_id, int(limit), int(offset)))
+        return [Identity(r[0], r[1], _metadata(r[2]), r[3], r[4]) for r in rows]
+
+    def get_identity(self, gallery: str, name: str) -> Identity:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            ident = self._identity_row(tx, gallery_id, gallery, name)
+            faces = tx.all("SELECT id, identity_id, norm, photo_sha256, created_at FROM adaface_faces "
+                           "WHERE identity_id = %s ORDER BY id", (ident[0],))
+        records = tuple(FaceRecord(*f) for f in faces)
+        return Identity(ident[0], ident[1], _metadata(ident[2]), ident[3], len(records), records)
+
+    def update_identity(self, gallery: str, name: str, new_name: Optional[str] = None,
+                        metadata: Optional[dict] = None) -> Identity:
+        meta_text = check_metadata(metadata)
+        if new_name is not None:
+            check_identity_name(new_name)
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            ident = self._identity_row(tx, gallery_id, gallery, name)
+            if new_name is not None and new_name != name:
+                if tx.one("SELECT 1 FROM adaface_identities WHERE gallery_id = %s AND name = %s",
+                          (gallery_id, new_name)) is not None:
+                    raise IdentityExistsError(gallery, new_name)
+                tx.run("UPDATE adaface_identities SET name = %s WHERE id = %s", (new_name, ident[0]))
+            if meta_text is not None:
+                tx.run("UPDATE adaface_identities SET metadata = %s WHERE id = %s", (meta_text, ident[0]))
+        return self.get_identity(gallery, new_name if new_name is not None else name)
+
+    def delete_identity(self, gallery: str, name: str) -> int:
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            ident = self._identity_row(tx, gallery_id, gallery, name)
+            face_ids = [r[0] for r in tx.all("SELECT id FROM adaface_faces WHERE identity_id = %s", (ident[0],))]
+            tx.run("DELETE FROM adaface_faces WHERE identity_id = %s", (ident[0],))
+            tx.run("DELETE FROM adaface_identities WHERE id = %s", (ident[0],))
+            if face_ids:
+                self._record(tx, gallery_id, face_ids, "del")
+        return len(face_ids)
+
+    def delete_face(self, gallery: str, face_id: int) -> None:
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            if tx.run("DELETE FROM adaface_faces WHERE id = %s AND gallery_id = %s", (int(face_id), gallery_id)) == 0:
+                raise FaceNotFoundError(gallery, face_id)
+            self._record(tx, gallery_id, [int(face_id)], "del")
+
+    def photo_hashes(self, gallery: str) -> set:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            return {r[0] for r in tx.all("SELECT photo_sha256 FROM adaface_faces WHERE gallery_id = %s",
+                                         (gallery_id,))}
+
+    def export_rows(self, gallery: str) -> Iterator[ExportRow]:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            rows = tx.all("SELECT i.name, i.metadata, f.photo_sha256, f.norm, f.embedding FROM adaface_faces f "
+                          "JOIN adaface_identities i ON i.id = f.identity_id WHERE f.gallery_id = %s ORDER BY f.id",
+                          (gallery_id,))
+        for name, meta, sha, norm, blob in rows:
+            yield ExportRow(name, _metadata(meta), sha, norm, np.frombuffer(bytes(blob), "<f4").astype(np.float32))
+
+    # -- for search indexes ------------------------------------------------------------------
+
+    def gallery_state(self, name: str) -> Optional[tuple]:
+        with self._read() as tx:
+            return tx.one("SELECT id, version FROM adaface_galleries WHERE name = %s", (name,))
+
+    @staticmethod
+    def _rows(version: int, rows: list, touched=None) -> Rows:
+        return Rows(version, np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.int64),
+                    blobs_to_matrix([bytes(r[2]) for r in rows]), touched)
+
+    def snapshot(self, gallery_id: int) -> Rows:
+        with self._transaction(False, snapshot=True) as tx:
+            row = tx.one("SELECT version FROM adaface_galleries WHERE id = %s", (gallery_id,))
+            rows = tx.all("SELECT id, identity_id, embedding FROM adaface_faces WHERE gallery_id = %s ORDER BY id",
+                          (gallery_id,)) if row else []
+        return self._rows(row[0] if row else DROPPED, rows)
+
+    def delta(self, gallery_id: int, after_version: int) -> Rows:
+        # The changes are read before the faces: a face whose removal is among the changes read
+        # is already gone when the faces are read (both commit together).
+        with self._transaction(False, snapshot=True) as tx:
+            changes = tx.all("SELECT face_id, version FROM adaface_changes WHERE gallery_id = %s AND version > %s",
+                             (gallery_id, after_version))
+            touched = sorted({c[0] for c in changes})
+            rows = []
+            for start in range(0, len(touched), CHUNK):
+                chunk = touched[start:start + CHUNK]
+                rows += tx.all(f"SELECT id, identity_id, embedding FROM adaface_faces WHERE id IN ({_marks(len(chunk))})",
+                               chunk)
+        version = max((c[1] for c in changes), default=after_version)
+        return self._rows(version, rows, np.array(touched, np.int64))
+
+    def identities_by_id(self, ids: Sequence[int]) -> dict:
+        ids = sorted({int(i) for i in ids})
+        found = {}
+        with self._read() as tx:
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start:start + CHUNK]
+                for r in tx.all(f"SELECT id, name, metadata FROM adaface_identities WHERE id IN ({_marks(len(chunk))})",
+                                chunk):
+                    found[r[0]] = (r[1], _metadata(r[2]))
+        return found
