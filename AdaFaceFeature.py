@@ -220,8 +220,9 @@ class AdaFaceFeature:
         """
         _check_option("faces", faces, FACE_MODES)
         _check_option("align", align_mode, ALIGN_MODES)
-        rgb = image if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 \
-            and image.shape[2] == 3 else self.decode(image)
+        if max_faces is not None and not 1 <= max_faces <= 1000:
+            raise BadOptionError(f"max_faces must be between 1 and 1000; got {max_faces}")
+        rgb = self.decode(image)
         height, width = rgb.shape[:2]
         is_crop = (height, width) == (CROP_SIZE, CROP_SIZE)
         if align_mode == "never" and not is_crop:
@@ -412,13 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--out", required=True, help="output .npz or .parquet")
     p.set_defaults(func=cmd_embed_dir)
+    from gallery.cli import add_commands as add_gallery_commands
+    add_gallery_commands(sub, common)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    commands = {"embed", "compare", "embed-dir", "-h", "--help"}
+    commands = {"embed", "compare", "embed-dir", "gallery", "calibrate", "-h", "--help"}
     if argv and argv[0] not in commands:
         argv.insert(0, "embed")  # `python AdaFaceFeature.py IMG...`, as the original's test run
     args = parser.parse_args(argv)

@@ -210,6 +210,7 @@ def test_aligned_input_taken_as_is_matches_reference(name, reference, extractor,
 
 def test_parity_summary(worst):
     """Prints the worst figures of the run (runs last; skips when no image was checked)."""
+    require_shared()
     if not worst.highest and not worst.lowest:
         pytest.skip("no parity figures recorded in this run")
     lines = ["parity summary (IR-101, synthetic lightning checkpoint, CPU):"]
