@@ -19,6 +19,7 @@ From the command line (``python AdaFaceFeature.py --help``)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -205,38 +206,47 @@ class AdaFaceFeature:
 
     # -- preprocessing ---------------------------------------------------------------------
 
-    def decode(self, image) -> np.ndarray:
+    def decode(self, image, max_pixels: int | None = None) -> np.ndarray:
         """Bytes (raw or base64), base64 str, PIL image or array -> H×W×3 uint8 RGB."""
+        limit = max_pixels or self.max_pixels
         if isinstance(image, (bytes, bytearray, memoryview, str)):
-            return decode_any(bytes(image) if not isinstance(image, str) else image, max_pixels=self.max_pixels)
-        return decode_image(image, max_pixels=self.max_pixels)
+            return decode_any(bytes(image) if not isinstance(image, str) else image, max_pixels=limit)
+        return decode_image(image, max_pixels=limit)
 
     def prepare(self, image, faces: str = "largest", align_mode: str = "auto",
-                max_faces: int | None = None, min_face_size: float | None = None) -> PreparedImage:
+                max_faces: int | None = None, min_face_size: float | None = None,
+                max_pixels: int | None = None, detect_max_side: int | None = None) -> PreparedImage:
         """Decode, detect and align: the CPU work before the network. No face gives no crops.
 
         ``align_mode``: ``auto`` takes a 112×112 image as an already-aligned crop and detects
-        in anything else; ``always`` detects; ``never`` requires a 112×112 crop.
+        in anything else; ``always`` detects; ``never`` requires a 112×112 crop. ``None`` options
+        take the extractor's own settings; ``detect_max_side=0`` detects at full resolution.
         """
         _check_option("faces", faces, FACE_MODES)
         _check_option("align", align_mode, ALIGN_MODES)
         if max_faces is not None and not 1 <= max_faces <= 1000:
             raise BadOptionError(f"max_faces must be between 1 and 1000; got {max_faces}")
-        rgb = self.decode(image)
+        rgb = self.decode(image, max_pixels)
         height, width = rgb.shape[:2]
         is_crop = (height, width) == (CROP_SIZE, CROP_SIZE)
         if align_mode == "never" and not is_crop:
             raise NotAlignedError(f"align=never needs a {CROP_SIZE}×{CROP_SIZE} aligned crop; got {width}×{height}")
         if align_mode == "never" or (align_mode == "auto" and is_crop):
             return PreparedImage(width, height, [FaceCrop(np.ascontiguousarray(rgb))], aligned=True)
-        return PreparedImage(width, height, self._detect_crops(rgb, faces, max_faces, min_face_size))
+        params = self._detector_params(min_face_size, detect_max_side)
+        return PreparedImage(width, height, self._detect_crops(rgb, faces, max_faces, params))
 
-    def _detect_crops(self, rgb: np.ndarray, faces: str, max_faces, min_face_size) -> list:
+    def _detector_params(self, min_face_size, detect_max_side) -> DetectorParams:
         params = self.detector.params
         if min_face_size is not None:
             if not 1 <= min_face_size <= 10_000:
                 raise BadOptionError(f"min_face_size must be between 1 and 10000 pixels; got {min_face_size}")
-            params = DetectorParams(**{**params.__dict__, "min_face_size": float(min_face_size)})
+            params = dataclasses.replace(params, min_face_size=float(min_face_size))
+        if detect_max_side is not None:
+            params = dataclasses.replace(params, max_side=detect_max_side or None)
+        return params
+
+    def _detect_crops(self, rgb: np.ndarray, faces: str, max_faces, params: DetectorParams) -> list:
         detections = self.detector.detect(rgb, params)
         crops = []
         for i in _pick(detections, faces, max_faces or self.max_faces):

@@ -51,6 +51,10 @@ class Settings:
     max_queue: int = 64                     # faces waiting for a forward before 503
     # API
     verify_threshold: float = 0.35          # cosine similarity at or above which /v1/verify says same person
+    # galleries (1:N identification; docs/galleries.md)
+    gallery_url: str = "sqlite:///data/gallery.db"  # sqlite:///path (relative: from the repo) or postgresql://...
+    identify_threshold: float = 0.35        # similarity at or above which identify says "match"; its own
+                                            # setting: raise it for large galleries (see `calibrate`)
     api_keys: str = ""                      # comma-separated keys; empty: no auth
     api_keys_file: str = ""                 # file with one key per line
     log_level: str = "INFO"
@@ -95,7 +99,7 @@ class Settings:
                 text = Path(self.api_keys_file).read_text()
             except OSError as exc:
                 raise SettingsError(f"ADAFACE_API_KEYS_FILE: cannot read {self.api_keys_file}: {exc}") from exc
-            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
         return keys
 
 

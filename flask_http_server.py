@@ -14,6 +14,7 @@ Routes: the original service's ``/b64_represent_json``, ``/byte_represent_json``
 """
 from __future__ import annotations
 
+import io
 import logging
 import platform
 import sys
@@ -26,7 +27,7 @@ from flask import Flask, Response, g, request
 import net
 from AdaFaceFeature import EMBEDDING_SIZE, AdaFaceFeature, NoFaceError
 from config import Settings, SettingsError
-from serving import errors, openapi, payload
+from serving import errors, gallery_routes, openapi, payload
 from serving.auth import ApiKeyAuth
 from serving.errors import ApiError, error_response, json_response
 from serving.metrics import Metrics
@@ -101,14 +102,41 @@ def create_app(config: Settings | dict | None = None, extractor: AdaFaceFeature 
     _compat_routes(app, service)
     _v1_routes(app, service)
     _ops_routes(app, service)
+    gallery_routes.register(app, service)
     service.start_warm_up()
     return app
+
+
+def _bound_chunked_body(limit: int) -> None:
+    """Read a body sent without Content-Length (chunked) up front, refusing it past ``limit``.
+
+    Werkzeug stops reading such a body at the limit without an error, which would hand a
+    truncated image on; reading it here gives the same 413 a declared length gets.
+    """
+    environ = request.environ
+    if request.content_length is not None or environ.get("REQUEST_METHOD") not in ("POST", "PUT", "PATCH"):
+        return
+    stream, chunks, size = environ["wsgi.input"], [], 0
+    while True:
+        chunk = stream.read(min(1 << 16, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
+    environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
+    environ["CONTENT_LENGTH"] = str(size)
+    environ.pop("wsgi.input_terminated", None)
 
 
 def _install_hooks(app: Flask, service: Service) -> None:
     @app.before_request
     def _begin():
         g.started = time.perf_counter()
+        _bound_chunked_body(service.settings.max_body_bytes)
+        if request.method == "OPTIONS":
+            return
         if request.path not in OPEN_ROUTES and not service.auth.allows(request.headers):
             raise ApiError(401, "unauthorized", "a valid API key is required "
                            "(Authorization: Bearer <key>, or X-API-Key: <key>)",
@@ -163,7 +191,9 @@ def _compat_routes(app: Flask, service: Service) -> None:
                      lambda: _compat_bytes(service, _body()), methods=["POST"])
 
     def single_input():
-        inputs, batch = payload.image_inputs(request, 1)
+        inputs, batch = payload.image_inputs(request, service.settings.max_images)
+        if batch:
+            raise ApiError(400, "one_image_only", "this endpoint embeds one image; send batches to /v1/embed")
         return inputs[0]
 
     app.add_url_rule("/represent_json", "represent_json",
@@ -189,7 +219,9 @@ def _entry_or_error(result) -> dict:
 
 
 def _wants_bytes() -> bool:
-    return request.accept_mimetypes.best_match(["application/json", OCTET]) == OCTET
+    """True when the client asks for octet-stream explicitly, at least as much as for JSON."""
+    quality = {mime: q for mime, q in request.accept_mimetypes}
+    return quality.get(OCTET, 0) > 0 and quality.get(OCTET, 0) >= quality.get("application/json", 0)
 
 
 def _packed(service: Service, results: list) -> Response:

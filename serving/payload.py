@@ -36,7 +36,8 @@ def _form_files(request: Request) -> tuple:
 
 
 def is_json(request: Request) -> bool:
-    return request.mimetype == "application/json"
+    """application/json, text/json or any +json type."""
+    return request.is_json or request.mimetype == "text/json"
 
 
 def image_inputs(request: Request, max_images: int) -> tuple:
@@ -69,7 +70,9 @@ def pair_inputs(request: Request) -> list:
         inputs, _ = _form_files(request)
     elif is_json(request):
         body = _json_body(request)
-        if "images" in body and isinstance(body["images"], list):
+        if "images" in body:
+            if not isinstance(body["images"], list):
+                raise ApiError(400, "bad_json", '"images" must be a list of two base64 strings')
             inputs = [_check_text(v, f"images[{i}]") for i, v in enumerate(body["images"])]
         else:
             inputs = [_check_text(body.get(k), f'"{k}"') for k in ("image1", "image2")]
@@ -102,16 +105,16 @@ def _choice_arg(args, name: str, allowed: tuple, default: str) -> str:
 
 
 def embed_options(args, settings) -> dict:
-    """Query-string options -> keyword arguments of ``AdaFaceFeature.prepare``."""
-    options = {"faces": _choice_arg(args, "faces", FACES, settings.faces),
-               "align_mode": _choice_arg(args, "align", ALIGN, settings.align)}
+    """Query-string options over the settings' defaults -> keyword arguments of
+    ``AdaFaceFeature.prepare`` (the settings' limits apply to every request)."""
     max_faces = _int_arg(args, "max_faces", 1, 1000)
-    if max_faces is not None:
-        options["max_faces"] = max_faces
     min_face = _int_arg(args, "min_face_size", 1, 10000)
-    if min_face is not None:
-        options["min_face_size"] = float(min_face)
-    return options
+    return {"faces": _choice_arg(args, "faces", FACES, settings.faces),
+            "align_mode": _choice_arg(args, "align", ALIGN, settings.align),
+            "max_faces": max_faces or settings.max_faces,
+            "min_face_size": float(min_face) if min_face is not None else settings.min_face_size,
+            "max_pixels": settings.max_pixels,
+            "detect_max_side": settings.detect_max_side}
 
 
 def threshold_arg(args, default: float) -> float:
