@@ -12,7 +12,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# libgomp: OpenMP runtime for torch and OpenCV on slim images.
+# libgomp: OpenMP runtime for torch and OpenCV on slim images (the base image's current one).
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
@@ -34,9 +35,9 @@ ARG BAKE_WEIGHTS=none
 RUN if [ "$BAKE_WEIGHTS" = "huggingface" ]; then python tools/fetch_weights.py; fi \
     && mkdir -p /app/data && chown adaface:adaface /app/data /app/pretrained
 
-USER adaface
+USER 10001
 ENV ADAFACE_BIND=0.0.0.0:30035
 EXPOSE 30035
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD python -c "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:30035/readyz', timeout=4).status != 200)"
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:30035/readyz', timeout=4).status != 200)"]
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "flask_http_server:app"]
