@@ -42,16 +42,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's torch work on one thread: on a shared 2-core box, two OpenMP threads
-    contending with other processes run several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def extractor():
     return AdaFaceFeature("synthetic", arch="ir_18", device="cpu")

@@ -73,16 +73,6 @@ def memoize_detect(detector):
     detector.detect = cached
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's torch work on one thread: on a shared 2-core box, two OpenMP threads
-    contending with other processes run several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def extractor(synthetic_ckpt):
     require_shared()
