@@ -60,6 +60,12 @@ class StoreUrlError(ValueError):
     """ADAFACE_GALLERY_URL names no backend we have (a configuration error, not a client one)."""
 
 
+class ConflictError(GalleryError):
+    """A concurrent write got there first (a name taken meanwhile); retrying gives the real answer."""
+
+    status, code = 409, "conflict"
+
+
 class StoreUnavailableError(GalleryError):
     """The database could not be reached or stayed locked (HTTP 503; retry)."""
 

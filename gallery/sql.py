@@ -16,8 +16,8 @@ import numpy as np
 
 from .errors import (FaceNotFoundError, GalleryExistsError, GalleryNotFoundError, IdentityExistsError,
                      IdentityNotFoundError)
-from .store import (ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace, Rows,
-                    DROPPED, blobs_to_matrix, check_gallery_name, check_identity_name, check_metadata,
+from .store import (EMBEDDING_SIZE, ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace,
+                    Rows, DROPPED, blobs_to_matrix, check_gallery_name, check_identity_name, check_metadata,
                     vector_blob)
 
 #: ids per IN (...) list
@@ -35,6 +35,10 @@ class Tx:
         raise NotImplementedError
 
     def run(self, sql: str, args: Sequence = ()) -> int:
+        raise NotImplementedError
+
+    def stream(self, sql: str, args: Sequence = ()) -> Iterator[tuple]:
+        """Rows one at a time, without holding the whole result in memory."""
         raise NotImplementedError
 
     def notify(self, gallery_id: int, version: int) -> None:
@@ -262,11 +266,22 @@ class SqlStore(GalleryStore):
                     blobs_to_matrix([bytes(r[2]) for r in rows]), touched)
 
     def snapshot(self, gallery_id: int) -> Rows:
+        # Streamed into preallocated arrays: a million faces need their 2 GiB once, not three times.
         with self._transaction(False, snapshot=True) as tx:
-            row = tx.one("SELECT version FROM adaface_galleries WHERE id = %s", (gallery_id,))
-            rows = tx.all("SELECT id, identity_id, embedding FROM adaface_faces WHERE gallery_id = %s ORDER BY id",
-                          (gallery_id,)) if row else []
-        return self._rows(row[0] if row else DROPPED, rows)
+            row = tx.one("SELECT version, (SELECT count(*) FROM adaface_faces WHERE gallery_id = %s) "
+                         "FROM adaface_galleries WHERE id = %s", (gallery_id, gallery_id))
+            if row is None:
+                return self._rows(DROPPED, [])
+            version, count = row
+            face_ids, identity_ids = np.empty(count, np.int64), np.empty(count, np.int64)
+            vectors = np.empty((count, EMBEDDING_SIZE), np.float32)
+            i = 0
+            for i, (face_id, identity_id, blob) in enumerate(tx.stream(
+                    "SELECT id, identity_id, embedding FROM adaface_faces WHERE gallery_id = %s ORDER BY id",
+                    (gallery_id,)), start=1):
+                face_ids[i - 1], identity_ids[i - 1] = face_id, identity_id
+                vectors[i - 1] = np.frombuffer(blob, "<f4")
+        return Rows(version, face_ids[:i], identity_ids[:i], vectors[:i])
 
     def delta(self, gallery_id: int, after_version: int) -> Rows:
         # The changes are read before the faces: a face whose removal is among the changes read
@@ -283,13 +298,14 @@ class SqlStore(GalleryStore):
         version = max((c[1] for c in changes), default=after_version)
         return self._rows(version, rows, np.array(touched, np.int64))
 
-    def identities_by_id(self, ids: Sequence[int]) -> dict:
-        ids = sorted({int(i) for i in ids})
+    def describe_faces(self, face_ids: Sequence[int]) -> dict:
+        ids = sorted({int(i) for i in face_ids})
         found = {}
         with self._read() as tx:
             for start in range(0, len(ids), CHUNK):
                 chunk = ids[start:start + CHUNK]
-                for r in tx.all(f"SELECT id, name, metadata FROM adaface_identities WHERE id IN ({_marks(len(chunk))})",
-                                chunk):
-                    found[r[0]] = (r[1], _metadata(r[2]))
+                for r in tx.all("SELECT f.id, f.photo_sha256, i.name, i.metadata FROM adaface_faces f "
+                                "JOIN adaface_identities i ON i.id = f.identity_id "
+                                f"WHERE f.id IN ({_marks(len(chunk))})", chunk):
+                    found[r[0]] = (r[1], r[2], _metadata(r[3]))
         return found

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from serving.native import allocate_lock
 
-from .errors import StoreUnavailableError
+from .errors import ConflictError, StoreUnavailableError
 from .sql import SqlStore, Tx
 
 BUSY_TIMEOUT_S = 30.0
@@ -73,6 +73,9 @@ class _SqliteTx(Tx):
     def run(self, sql: str, args: Sequence = ()) -> int:
         return self.conn.execute(self._sql(sql), tuple(args)).rowcount
 
+    def stream(self, sql: str, args: Sequence = ()):
+        yield from self.conn.execute(self._sql(sql), tuple(args))
+
 
 def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
@@ -124,6 +127,9 @@ class SqliteStore(SqlStore):
             try:
                 yield _SqliteTx(conn)
                 conn.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                _rollback(conn)
+                raise ConflictError(f"a concurrent write conflicted; retry: {exc}") from exc
             except sqlite3.OperationalError as exc:
                 _rollback(conn)
                 raise StoreUnavailableError(f"gallery database error: {exc}") from exc

@@ -15,6 +15,7 @@ Backends: :class:`gallery.sqlite_store.SqliteStore` (``sqlite:///path``) and
 """
 from __future__ import annotations
 
+import abc
 import json
 import re
 from dataclasses import dataclass, field
@@ -159,7 +160,7 @@ def blobs_to_matrix(blobs: Sequence[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), EMBEDDING_SIZE).astype(np.float32)
 
 
-class GalleryStore:
+class GalleryStore(abc.ABC):
     """The interface both backends implement (see the module docstring).
 
     Methods raise :mod:`gallery.errors` for bad names and missing or duplicate rows, and
@@ -169,39 +170,90 @@ class GalleryStore:
 
     url: str
 
-    # galleries
-    def create_gallery(self, name: str) -> Gallery: ...
-    def ensure_gallery(self, name: str) -> Gallery: ...
-    def get_gallery(self, name: str) -> Gallery: ...
-    def list_galleries(self) -> list: ...
-    def delete_gallery(self, name: str) -> None: ...
+    # -- galleries ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create_gallery(self, name: str) -> Gallery:
+        """A new, empty gallery (GalleryExistsError if the name is taken)."""
 
-    # identities and faces
+    @abc.abstractmethod
+    def ensure_gallery(self, name: str) -> Gallery:
+        """The gallery, created when absent."""
+
+    @abc.abstractmethod
+    def get_gallery(self, name: str) -> Gallery:
+        """The gallery with its identity and face counts."""
+
+    @abc.abstractmethod
+    def list_galleries(self) -> list:
+        """Every gallery, by name, with counts."""
+
+    @abc.abstractmethod
+    def delete_gallery(self, name: str) -> None:
+        """Delete the gallery and everything in it."""
+
+    # -- identities and faces ----------------------------------------------------------------
+    @abc.abstractmethod
     def enroll(self, gallery: str, identity: str, faces: Sequence[NewFace],
-               metadata: Optional[dict] = None) -> Enrolled: ...
-    def list_identities(self, gallery: str, limit: int = 100, offset: int = 0) -> list: ...
-    def get_identity(self, gallery: str, name: str) -> Identity: ...
-    def update_identity(self, gallery: str, name: str, new_name: Optional[str] = None,
-                        metadata: Optional[dict] = None) -> Identity: ...
-    def delete_identity(self, gallery: str, name: str) -> int: ...
-    def delete_face(self, gallery: str, face_id: int) -> None: ...
-    def photo_hashes(self, gallery: str) -> set: ...
-    def export_rows(self, gallery: str) -> Iterator[ExportRow]: ...
+               metadata: Optional[dict] = None) -> Enrolled:
+        """Add faces to an identity (created if absent; metadata replaced when given), in one
+        transaction; a photo sha256 the identity already has is not stored again."""
 
-    # for search indexes
-    def gallery_state(self, name: str) -> Optional[tuple]: ...
-    def snapshot(self, gallery_id: int) -> Rows: ...
-    def delta(self, gallery_id: int, after_version: int) -> Rows: ...
-    def identities_by_id(self, ids: Sequence[int]) -> dict: ...
+    @abc.abstractmethod
+    def list_identities(self, gallery: str, limit: int = 100, offset: int = 0) -> list:
+        """Identities by name, with face counts."""
+
+    @abc.abstractmethod
+    def get_identity(self, gallery: str, name: str) -> Identity:
+        """One identity with its face records."""
+
+    @abc.abstractmethod
+    def update_identity(self, gallery: str, name: str, new_name: Optional[str] = None,
+                        metadata: Optional[dict] = None) -> Identity:
+        """Rename (IdentityExistsError if taken) and/or replace the metadata."""
+
+    @abc.abstractmethod
+    def delete_identity(self, gallery: str, name: str) -> int:
+        """Delete an identity and its faces; the number of faces removed."""
+
+    @abc.abstractmethod
+    def delete_face(self, gallery: str, face_id: int) -> None:
+        """Delete one face (FaceNotFoundError if the gallery has no such face)."""
+
+    @abc.abstractmethod
+    def photo_hashes(self, gallery: str) -> set:
+        """The sha256 of every photo enrolled in the gallery (to resume a build)."""
+
+    @abc.abstractmethod
+    def export_rows(self, gallery: str) -> Iterator[ExportRow]:
+        """Every face with its identity, in enrolment order."""
+
+    # -- for search indexes ------------------------------------------------------------------
+    @abc.abstractmethod
+    def gallery_state(self, name: str) -> Optional[tuple]:
+        """(gallery id, version), or None: the cheap check a search makes first."""
+
+    @abc.abstractmethod
+    def snapshot(self, gallery_id: int) -> Rows:
+        """All of a gallery's faces and the version they are at (one consistent read)."""
+
+    @abc.abstractmethod
+    def delta(self, gallery_id: int, after_version: int) -> Rows:
+        """The faces added or removed after ``after_version`` (see :class:`Rows`)."""
+
+    @abc.abstractmethod
+    def describe_faces(self, face_ids: Sequence[int]) -> dict:
+        """face id -> (photo sha256, identity name, identity metadata), for faces that exist."""
 
     def subscribe(self, on_change: Callable[[int, int], None], on_reconnect: Callable[[], None]) -> bool:
         """Call ``on_change(gallery_id, version)`` from a background thread when another process
         writes (``version`` is :data:`DROPPED` for a dropped gallery) and ``on_reconnect()`` after
-        a lost connection; False where the backend has no notifications (search then checks the
-        version before each query)."""
+        a lost connection; False where the backend has no notifications (search then relies on
+        the version check before each query)."""
         return False
 
-    def close(self) -> None: ...
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections and stop any listener."""
 
 
 def sqlite_path(url: str, base: Path) -> Path:
@@ -213,17 +265,23 @@ def sqlite_path(url: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def check_url(url: str) -> str:
+    """``url`` if it names a backend we have, else a StoreUrlError naming the accepted forms."""
+    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise StoreUrlError(f"ADAFACE_GALLERY_URL={url!r}: use sqlite:///path/to/gallery.db or "
+                            "postgresql://user:password@host:5432/database")
+    return url
+
+
 def open_store(url: str, base: Optional[Path] = None) -> GalleryStore:
     """The store for ``url``: ``sqlite:///path`` (relative paths from ``base``, the repository by
     default) or ``postgresql://user:password@host:port/database`` (also ``postgres://``)."""
+    check_url(url)
     if url.startswith("sqlite:///"):
         from .sqlite_store import SqliteStore
         if base is None:
             from config import REPO_DIR
             base = REPO_DIR
         return SqliteStore(sqlite_path(url, base))
-    if url.startswith(("postgresql://", "postgres://")):
-        from .postgres_store import PostgresStore
-        return PostgresStore(url)
-    raise StoreUrlError(f"ADAFACE_GALLERY_URL={url!r}: use sqlite:///path/to/gallery.db or "
-                        "postgresql://user:password@host:5432/database")
+    from .postgres_store import PostgresStore
+    return PostgresStore(url)

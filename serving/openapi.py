@@ -54,6 +54,7 @@ def _get(summary: str, description: str, content_type: str = "application/json",
 
 
 def _paths() -> dict:
+    from .gallery_routes import OPENAPI_PATHS
     b64 = {"text/plain": _IMAGE_BODY_TYPES["text/plain"]}
     raw = {"application/octet-stream": _IMAGE_BODY_TYPES["application/octet-stream"]}
     either = {**_IMAGE_BODY_TYPES, "application/json": {"schema": {
@@ -96,6 +97,7 @@ def _paths() -> dict:
                       extra=_errors(401)),
         "/metrics": _get("Prometheus metrics", "text exposition format", "text/plain"),
         "/openapi.json": _get("This description", "OpenAPI 3 document"),
+        **OPENAPI_PATHS,
     }
 
 

@@ -1,0 +1,161 @@
+"""Helpers shared by the gallery tests: a throwaway PostgreSQL cluster, backend URLs, test photos.
+
+The cluster is made once per test session with ``initdb`` in a temporary folder and started
+with ``pg_ctl`` on a free loopback port (TCP only, trust authentication). PostgreSQL refuses to
+run as root, so when the tests run as root the cluster belongs to the ``postgres`` user (or
+``nobody``) and its commands run through ``runuser``. Where no PostgreSQL binaries are found the
+PostgreSQL cases skip, saying so. This module has no tests of its own.
+"""
+import atexit
+import glob
+import io
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class PostgresCluster:
+    """A PostgreSQL server on 127.0.0.1:<port> with its data in a temporary folder."""
+
+    def __init__(self, bin_dir: Path):
+        self.bin = bin_dir
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="adaface-pg-"))
+        self.data = self.dir / "data"
+        self.user = None
+        if os.geteuid() == 0:
+            self.user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
+            if self.user is None or shutil.which("runuser") is None:
+                raise RuntimeError("running as root and no unprivileged user (postgres, nobody) or runuser")
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self.user:
+            command = ["runuser", "-u", self.user, "--", *command]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C", "LC_ALL": "C"}
+        done = subprocess.run(command, cwd=self.dir, env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            log = (self.dir / "log").read_text() if (self.dir / "log").exists() else ""
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stderr.strip()} {log[-2000:]}")
+
+    def start(self) -> "PostgresCluster":
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                  "--no-locale", "--no-sync")
+        options = f"-p {self.port} -k '' -c listen_addresses=127.0.0.1 -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60",
+                  "-o", options, "start", timeout=90)
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
+        except (RuntimeError, subprocess.SubprocessError):
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+_cluster = None
+_cluster_error = None
+
+
+def postgres_cluster() -> PostgresCluster:
+    """The session's cluster, started on first use; skips the test when PostgreSQL is missing."""
+    global _cluster, _cluster_error
+    if _cluster is None and _cluster_error is None:
+        bin_dir = _pg_bin()
+        if bin_dir is None:
+            _cluster_error = ("PostgreSQL not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): "
+                              "apt-get install postgresql")
+        else:
+            try:
+                cluster = PostgresCluster(bin_dir)
+                _cluster = cluster.start()
+                atexit.register(_cluster.stop)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                _cluster_error = f"could not start a throwaway PostgreSQL cluster: {exc}"
+    if _cluster_error:
+        print(f"SKIP: {_cluster_error}")
+        pytest.skip(_cluster_error)
+    return _cluster
+
+
+def store_url(backend: str, tmp_path: Path) -> str:
+    """A fresh, empty store of the given backend."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/gallery.db"
+    return postgres_cluster().new_database()
+
+
+def unit_vectors(count: int, seed: int = 0) -> np.ndarray:
+    """float32 (count, 512) random unit rows."""
+    x = np.random.default_rng(seed).standard_normal((count, 512)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def near(vector: np.ndarray, similarity: float, seed: int = 1) -> np.ndarray:
+    """A unit vector whose cosine similarity to ``vector`` (unit) is ``similarity``."""
+    other = unit_vectors(1, seed)[0]
+    other -= (other @ vector) * vector
+    other /= np.linalg.norm(other)
+    return (similarity * vector + np.sqrt(1 - similarity ** 2) * other).astype(np.float32)
+
+
+def crop_png(seed: int) -> bytes:
+    """A 112×112 noise PNG: taken as an aligned crop (align=auto), so no detection is needed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def grey_png(width: int = 160, height: int = 120) -> bytes:
+    """A flat grey photo with no face in it."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
