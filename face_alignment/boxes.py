@@ -36,22 +36,22 @@ def nms(boxes: np.ndarray, threshold: float, mode: str = "union") -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def proposals(prob: np.ndarray, offsets: np.ndarray, scale: float, threshold: float) -> np.ndarray:
-    """P-Net output map -> candidate boxes N×9 (x1, y1, x2, y2, score, 4 offsets) in image pixels.
+def cell_boxes(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, offsets: np.ndarray,
+               scale: float) -> np.ndarray:
+    """P-Net cells (row, col) of a level scaled by ``scale``, with their scores (N) and offsets
+    (N×4) -> candidate boxes N×9 (x1, y1, x2, y2, score, 4 offsets) in image pixels.
 
-    ``prob`` is h×w float32, ``offsets`` 4×h×w; a cell (i, j) is a 12×12 window at stride 2 in
-    the level scaled by ``scale``.
+    A cell (i, j) is a 12×12 window at stride 2 in the level.
     """
-    rows, cols = np.nonzero(prob > threshold)
-    if rows.size == 0:
+    if len(rows) == 0:
         return np.zeros((0, 9))
-    out = np.empty((rows.size, 9))
+    out = np.empty((len(rows), 9))
     out[:, 0] = np.round((STRIDE * cols + 1.0) / scale)
     out[:, 1] = np.round((STRIDE * rows + 1.0) / scale)
     out[:, 2] = np.round((STRIDE * cols + 1.0 + CELL) / scale)
     out[:, 3] = np.round((STRIDE * rows + 1.0 + CELL) / scale)
-    out[:, 4] = prob[rows, cols]
-    out[:, 5:9] = offsets[:, rows, cols].T
+    out[:, 4] = scores
+    out[:, 5:9] = offsets
     return out
 
 

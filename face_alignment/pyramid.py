@@ -1,0 +1,234 @@
+"""The MTCNN image pyramid and the P-Net pass over it: exact where it decides, fast elsewhere.
+
+The reference resizes the full image to every pyramid level with PIL's BILINEAR filter
+(antialiasing: a triangle filter as wide as the scale, fixed-point coefficients with 22 fraction
+bits, a horizontal pass rounded to uint8, then a vertical pass). For the 20 to 30 levels of a
+photo that costs about as much as P-Net itself. MTCNN's output is sensitive to it: one grey
+level on 0.1% of a level's pixels moves a score by up to 0.01 and can flip which boxes survive
+(on one shared photo a face's landmarks then move by 0.4 px). So each level is scanned twice:
+
+1. on a fast approximate level, ``torch.nn.functional.interpolate(antialias=True)``: on the CPU
+   its uint8 kernel, written after Pillow's but with 16-bit coefficients, has about 0.1% of
+   pixels one grey level off; elsewhere (no uint8 kernel) two float passes rounded as Pillow
+   rounds have about 0.2% off by one or two. P-Net scores on it are within 0.008 (CPU) and 0.02
+   (float) of the exact ones over the shared photos;
+2. on the exact level, only for the P-Net rows where the approximate score comes within
+   ``resize_margin`` (0.05 CPU, 0.1 float: 5-6× those errors) of the threshold: their 12-pixel
+   bands are rebuilt with Pillow's own arithmetic (``exact_band``) and P-Net runs again on
+   them. Every candidate box comes from those exact rows, as the reference's do.
+
+P-Net runs on horizontal strips of at most ``STRIP_PIXELS`` input pixels. The outputs are the
+same (an output row sees 12 input rows; strips overlap by 10), and the intermediate maps stay
+under 32 MiB, above which glibc's allocator maps fresh pages on every call: on the largest
+levels of a big photo that halves P-Net's time.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+MIN_DETECTION_SIZE = 12  # P-Net's window, pixels
+STRIP_PIXELS = 500_000  # conv1's output: 10 float32 channels, 20 MB
+PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images
+MARGIN_EXACT_KERNEL = 0.05  # approximate scores from the uint8 CPU kernel
+MARGIN_FLOAT_KERNEL = 0.1  # approximate scores from the float path
+
+
+def pyramid_scales(width: int, height: int, min_face_size: float, factor: float) -> list:
+    """Scales at which P-Net (a 12-px window) sees faces of ``min_face_size`` px and larger."""
+    m = MIN_DETECTION_SIZE / min_face_size
+    min_length = min(width, height) * m
+    scales = []
+    count = 0
+    while min_length > MIN_DETECTION_SIZE:
+        scales.append(m * factor ** count)
+        min_length *= factor
+        count += 1
+    return scales
+
+
+def level_size(width: int, height: int, scale: float) -> tuple:
+    """(height, width) of a pyramid level, rounded up as the reference does."""
+    return math.ceil(height * scale), math.ceil(width * scale)
+
+
+def image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """H×W×3 uint8 RGB ndarray -> 1×3×H×W uint8 tensor on ``device`` (channels-last memory)."""
+    return torch.from_numpy(np.require(image, requirements=("C", "W"))).to(device).permute(2, 0, 1).unsqueeze(0)
+
+
+def resize(image: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Resize 1×3×H×W uint8 to ``size`` (height, width) close to PIL's BILINEAR; uint8 out."""
+    if image.device.type == "cpu":
+        return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    x = image.float()
+    x = F.interpolate(x, size=(x.shape[2], size[1]), mode="bilinear", align_corners=False, antialias=True)
+    x = x.add_(0.5).floor_().clamp_(0, 255)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_margin(device: torch.device) -> float:
+    """How far below the threshold an approximate score must be to be trusted as a non-face."""
+    return MARGIN_EXACT_KERNEL if device.type == "cpu" else MARGIN_FLOAT_KERNEL
+
+
+def pil_coefficients(in_size: int, out_size: int):
+    """Pillow's BILINEAR resampling coefficients along one axis, as ``precompute_coeffs`` and
+    ``normalize_coeffs_8bpc`` compute them (same double arithmetic, same order).
+
+    Returns (first, count, weights): output pixel i is
+    ``clip8((sum_t weights[i, t] * in[first[i] + t] + 2**21) >> 22)`` over t < count[i];
+    weights are integers (float64 array out_size × ksize, zero past count).
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = filterscale  # the triangle filter's support is 1
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+    taps = np.arange(ksize)
+    offset = taps[None, :] + first[:, None] - center[:, None] + 0.5  # as Pillow: int + int - double
+    weights = np.maximum(1.0 - np.abs(offset * (1.0 / filterscale)), 0.0)
+    weights[taps[None, :] >= count[:, None]] = 0.0
+    total = np.zeros(out_size)
+    for t in range(ksize):  # Pillow sums the weights in order
+        total = total + weights[:, t]
+    weights = np.divide(weights, total[:, None], out=weights, where=total[:, None] != 0.0)
+    return first, count, np.trunc(0.5 + weights * (1 << PRECISION_BITS))
+
+
+class Photo:
+    """One photo as the detector needs it: the H×W×3 uint8 RGB array, the same as a 1×3×H×W
+    uint8 tensor on the device (channels-last memory), and, made on first use, a PIL image."""
+
+    def __init__(self, image: np.ndarray, pixels: torch.Tensor):
+        self.image = image
+        self.pixels = pixels
+        self._pil = None
+
+    @classmethod
+    def of_array(cls, image: np.ndarray, device: torch.device) -> "Photo":
+        """From an H×W×3 uint8 RGB array."""
+        return cls(image, image_tensor(image, device))
+
+    @classmethod
+    def of_pixels(cls, pixels: torch.Tensor) -> "Photo":
+        """From a 1×3×H×W uint8 tensor."""
+        return cls(np.ascontiguousarray(pixels[0].permute(1, 2, 0).cpu().numpy()), pixels)
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def pil(self) -> Image.Image:
+        if self._pil is None:
+            self._pil = Image.fromarray(self.image)
+        return self._pil
+
+
+def exact_band(photo: Photo, size: tuple, rows: tuple) -> torch.Tensor:
+    """Rows ``rows[0]:rows[1]`` of the photo resized to ``size`` (height, width) exactly as
+    ``PIL.Image.resize(BILINEAR)`` gives them: a CPU tensor rows × width × 3 uint8.
+
+    The horizontal pass is Pillow's own, over the source rows involved only (a resize of that
+    strip to the new width and its own height, which Pillow does with the whole image's
+    horizontal coefficients and an identity vertical pass); the vertical pass applies Pillow's
+    integer coefficients in float64, where the sums are exact.
+    """
+    height, width = size
+    top, bottom = rows
+    first, count, weights = pil_coefficients(photo.height, height)
+    first, count, weights = first[top:bottom], count[top:bottom], weights[top:bottom]
+    src_top, src_bottom = int(first[0]), int((first + count).max())
+    strip = photo.pil.resize((width, src_bottom - src_top), Image.BILINEAR, box=(0, src_top, photo.width, src_bottom))
+    matrix = np.zeros((bottom - top, src_bottom - src_top))
+    taps = np.arange(weights.shape[1])
+    r, t = np.nonzero(taps[None, :] < count[:, None])
+    matrix[r, first[r] - src_top + t] = weights[r, t]
+    # torch rather than NumPy for the product: NumPy's BLAS threads would spin against torch's.
+    horizontal = torch.from_numpy(np.array(strip)).view(src_bottom - src_top, -1)
+    sums = torch.from_numpy(matrix) @ horizontal.double()
+    out = sums.add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS).floor_().clamp_(0, 255)
+    return out.to(torch.uint8).view(bottom - top, width, 3)
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """uint8 N×3×H×W -> float32 (x - 127.5) * 0.0078125, channels-last memory for the convs."""
+    x = image.to(dtype=torch.float32, memory_format=torch.channels_last)
+    return x.sub_(127.5).mul_(0.0078125)
+
+
+def pnet_rows(height: int) -> int:
+    """Rows of P-Net's output map for a level (or band) ``height`` pixels high."""
+    return math.ceil((height - 2) / 2) - 4
+
+
+class PNetPass:
+    """P-Net over one uint8 level, in strips, with its two heads fused into one 1×1 convolution.
+
+    The trunk is the net's own; of the 2-way classification head only the face logit is
+    computed, and the score is the reference's softmax of it over the map's width. Each strip
+    is normalised on its own, while it is still in cache.
+    """
+
+    def __init__(self, pnet: torch.nn.Module):
+        self.features = pnet.features
+        self.head_weight = torch.cat([pnet.conv4_1.weight[1:2], pnet.conv4_2.weight])  # 5×32×1×1
+        self.head_bias = torch.cat([pnet.conv4_1.bias[1:2], pnet.conv4_2.bias])
+
+    def __call__(self, level: torch.Tensor):
+        """1×3×h×w uint8 level -> (score h'×w', offsets h'×w'×4), h' = ``pnet_rows(h)``."""
+        height, width = level.shape[2:]
+        out_rows = pnet_rows(height)
+        step = max(1, STRIP_PIXELS // (2 * width))
+        if out_rows <= step:
+            return self._forward(level)
+        scores, offsets = [], []
+        for start in range(0, out_rows, step):
+            stop = min(out_rows, start + step)
+            bottom = height if stop == out_rows else 2 * stop + 10
+            score, offset = self._forward(level[:, :, 2 * start:bottom])
+            scores.append(score)
+            offsets.append(offset)
+        return torch.cat(scores), torch.cat(offsets)
+
+    def _forward(self, level: torch.Tensor):
+        head = F.conv2d(self.features(normalise(level)), self.head_weight, self.head_bias)[0]
+        return torch.softmax(head[0], dim=-1), head[1:].permute(1, 2, 0)
+
+
+def row_runs(rows: np.ndarray) -> list:
+    """Sorted P-Net map rows -> [start, stop) runs of rows whose 12-pixel bands touch or overlap."""
+    runs = []
+    for row in rows.tolist():
+        if runs and row <= runs[-1][1] + 5:
+            runs[-1][1] = row + 1
+        else:
+            runs.append([row, row + 1])
+    return runs
+
+
+def scan_level(photo: Photo, pnet: PNetPass, scale: float, threshold: float):
+    """P-Net cells of one pyramid level whose score passes ``threshold``, computed on the exact
+    level: (rows, cols, scores, offsets N×4) as NumPy, in row-major order."""
+    size = level_size(photo.width, photo.height, scale)
+    score, _ = pnet(resize(photo.pixels, size))
+    near = torch.nonzero(score.amax(dim=1) > threshold - resize_margin(photo.pixels.device)).flatten().cpu().numpy()
+    found = []
+    for start, stop in row_runs(near):
+        band = exact_band(photo, size, (2 * start, min(size[0], 2 * stop + 10)))
+        band_score, band_offsets = pnet(band.to(photo.pixels.device).permute(2, 0, 1).unsqueeze(0))
+        rows, cols = torch.nonzero(band_score > threshold, as_tuple=True)
+        found.append((rows + start, cols, band_score[rows, cols], band_offsets[rows, cols]))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
+    return tuple(torch.cat(part).cpu().numpy() for part in zip(*found))
