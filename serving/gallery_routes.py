@@ -93,16 +93,7 @@ def _json_object() -> dict:
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "bad_option", f"{name} must be an integer; got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(400, "bad_option", f"{name} must be between {low} and {high}; got {value}")
-    return value
+    return payload.int_arg(request.args, name, low, high, default)
 
 
 def _metadata_arg():

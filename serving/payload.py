@@ -84,10 +84,11 @@ def pair_inputs(request: Request) -> list:
     return inputs
 
 
-def _int_arg(args, name: str, low: int, high: int):
+def int_arg(args, name: str, low: int, high: int, default=None):
+    """Integer query option ``name`` within [low, high], or ``default`` when absent."""
     raw = args.get(name)
     if raw is None or raw == "":
-        return None
+        return default
     try:
         value = int(raw)
     except ValueError:
@@ -107,8 +108,8 @@ def _choice_arg(args, name: str, allowed: tuple, default: str) -> str:
 def embed_options(args, settings) -> dict:
     """Query-string options over the settings' defaults -> keyword arguments of
     ``AdaFaceFeature.prepare`` (the settings' limits apply to every request)."""
-    max_faces = _int_arg(args, "max_faces", 1, 1000)
-    min_face = _int_arg(args, "min_face_size", 1, 10000)
+    max_faces = int_arg(args, "max_faces", 1, 1000)
+    min_face = int_arg(args, "min_face_size", 1, 10000)
     return {"faces": _choice_arg(args, "faces", FACES, settings.faces),
             "align_mode": _choice_arg(args, "align", ALIGN, settings.align),
             "max_faces": max_faces or settings.max_faces,
