@@ -84,18 +84,24 @@ def pair_inputs(request: Request) -> list:
     return inputs
 
 
-def int_arg(args, name: str, low: int, high: int, default=None):
-    """Integer query option ``name`` within [low, high], or ``default`` when absent."""
+def _number_arg(args, name: str, kind: type, low, high, default):
+    """Query option ``name`` parsed as ``kind`` within [low, high], or ``default`` when absent."""
     raw = args.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ApiError(400, "bad_option", f"{name} must be an integer; got {raw!r}") from None
+        noun = "an integer" if kind is int else "a number"
+        raise ApiError(400, "bad_option", f"{name} must be {noun}; got {raw!r}") from None
     if not low <= value <= high:
         raise ApiError(400, "bad_option", f"{name} must be between {low} and {high}; got {value}")
     return value
+
+
+def int_arg(args, name: str, low: int, high: int, default=None):
+    """Integer query option ``name`` within [low, high], or ``default`` when absent."""
+    return _number_arg(args, name, int, low, high, default)
 
 
 def _choice_arg(args, name: str, allowed: tuple, default: str) -> str:
@@ -119,13 +125,5 @@ def embed_options(args, settings) -> dict:
 
 
 def threshold_arg(args, default: float) -> float:
-    raw = args.get("threshold")
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ApiError(400, "bad_option", f"threshold must be a number; got {raw!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise ApiError(400, "bad_option", f"threshold must be between -1 and 1; got {value}")
-    return value
+    """The ``threshold`` query option (a cosine similarity, -1 to 1), or ``default``."""
+    return _number_arg(args, "threshold", float, -1.0, 1.0, default)

@@ -40,6 +40,16 @@ def write_synthetic_checkpoint(out: Path, arch: str = "ir_101", fmt: str = "ligh
     return out
 
 
+def photo(name: str) -> bytes:
+    """A shared test photo's file bytes (img1/img2: same person; *_aligned: 112×112 crops);
+    skips the calling test when the shared data is absent."""
+    folder = "aligned" if "aligned" in name else "adaface"
+    path = FACEDATA / folder / name
+    if not path.is_file():
+        pytest.skip(f"test photo not found at {path} (set ADAFACE_TEST_DATA)")
+    return path.read_bytes()
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory) -> Path:
     """A session-wide folder for written checkpoints (IR-101 files are 260 MB; write each once)."""

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from AdaFaceFeature import AdaFaceFeature
 from config import Settings
 from flask_http_server import OPEN_ROUTES, create_app
-from tests.conftest import FACEDATA
+from tests.conftest import photo
 
 COMPAT_JSON = ("/b64_represent_json", "/byte_represent_json", "/represent_json")
 COMPAT_BYTES = ("/b64_represent_byte", "/byte_represent_byte", "/represent_bytes")
@@ -33,13 +33,6 @@ K1, K2 = "k1-5ecret-7f3a9c", "k2-5ecret-91bc02"
 
 # -- images ------------------------------------------------------------------------------------
 
-def photo(name: str) -> bytes:
-    """A shared test photo's file bytes (img1/img2: same person; *_aligned: 112×112 crops)."""
-    folder = "aligned" if "aligned" in name else "adaface"
-    path = FACEDATA / folder / name
-    if not path.is_file():
-        pytest.skip(f"test photo not found at {path} (set ADAFACE_TEST_DATA)")
-    return path.read_bytes()
 
 
 def encode(arr: np.ndarray, fmt: str = "JPEG") -> bytes:

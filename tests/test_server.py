@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import net
 from AdaFaceFeature import AdaFaceFeature
-from tests.conftest import FACEDATA, REPO
+from tests.conftest import REPO, photo
 
 pytestmark = pytest.mark.server
 
@@ -32,12 +32,6 @@ READY_TIMEOUT = 120.0
 MAX_BODY = 1_000_000  # bytes, for the IR-18 server; every test photo is smaller
 
 
-def photo(name: str) -> bytes:
-    folder = "aligned" if "aligned" in name else "adaface"
-    path = FACEDATA / folder / name
-    if not path.is_file():
-        pytest.skip(f"test photo not found at {path} (set ADAFACE_TEST_DATA)")
-    return path.read_bytes()
 
 
 def free_port() -> int:
