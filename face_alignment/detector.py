@@ -14,10 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from serving.native import map_native
+
 from . import boxes as bx
 from . import pyramid as pyr
 from .nets import load_nets
 from .pyramid import pyramid_scales
+
+CROPS_PER_THREAD = 8  # fewer boxes than this per extra thread are cut in the caller's
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,22 @@ def _to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).sub_(127.5).mul_(0.0078125)
 
 
-def crop_boxes(image, boxes: np.ndarray, size: int) -> np.ndarray:
+def crop_boxes(image, boxes: np.ndarray, size: int, workers: int = 1) -> np.ndarray:
     """Cut each box out of the H×W×3 uint8 RGB image (an array or a PIL image), zero-padded
     where it leaves the image, and resize it to size×size with PIL BILINEAR, as the reference
-    does; returns N×size×size×3 uint8."""
+    does; returns N×size×size×3 uint8. The boxes are shared among ``workers`` native threads."""
     pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
     out = np.zeros((len(boxes), size, size, 3), np.uint8)
-    for i, (x1, y1, x2, y2) in enumerate(boxes[:, 0:4].astype(np.int64).tolist()):
-        if x2 >= x1 and y2 >= y1:  # PIL's crop fills what lies outside the image with zeros
-            out[i] = np.asarray(pil.crop((x1, y1, x2 + 1, y2 + 1)).resize((size, size), Image.BILINEAR))
+    corners = boxes[:, 0:4].astype(np.int64).tolist()
+
+    def cut(indices: range):
+        for i in indices:
+            x1, y1, x2, y2 = corners[i]
+            if x2 >= x1 and y2 >= y1:  # PIL's crop fills what lies outside the image with zeros
+                out[i] = np.asarray(pil.crop((x1, y1, x2 + 1, y2 + 1)).resize((size, size), Image.BILINEAR))
+
+    chunks = max(1, min(workers, len(boxes) // CROPS_PER_THREAD))
+    map_native(cut, [range(k, len(boxes), chunks) for k in range(chunks)], chunks)
     return out
 
 
@@ -106,9 +117,11 @@ class MTCNN:
 
     def _stage_one(self, photo: pyr.Photo, p: DetectorParams) -> np.ndarray:
         """P-Net over the pyramid -> squared candidate boxes N×5."""
+        scales = pyramid_scales(photo.width, photo.height, p.min_face_size, p.factor)
         candidates = []
-        for scale in pyramid_scales(photo.width, photo.height, p.min_face_size, p.factor):
-            found = bx.cell_boxes(*pyr.scan_level(photo, self._pnet_pass, scale, p.thresholds[0]), scale)
+        for scale, cells in zip(scales, pyr.scan_pyramid(photo, self._pnet_pass, scales, p.thresholds[0],
+                                                         torch.get_num_threads())):
+            found = bx.cell_boxes(*cells, scale)
             if len(found):
                 candidates.append(found[bx.nms(found[:, 0:5], 0.5)])
         if not candidates:
@@ -121,7 +134,7 @@ class MTCNN:
         """R-Net on 24×24 crops -> refined squared boxes N×5."""
         if len(boxes) == 0:
             return boxes
-        crops = crop_boxes(photo.pil, boxes, 24)
+        crops = crop_boxes(photo.pil, boxes, 24, torch.get_num_threads())
         bx.clip(boxes, photo.width, photo.height)
         offsets, prob = self.rnet(_to_tensor(crops, self.device))
         offsets, prob = offsets.cpu().numpy(), prob.cpu().numpy()
@@ -135,7 +148,7 @@ class MTCNN:
         """O-Net on 48×48 crops -> final boxes, scores and landmarks."""
         if len(boxes) == 0:
             return Detections.empty()
-        crops = crop_boxes(photo.pil, boxes, 48)
+        crops = crop_boxes(photo.pil, boxes, 48, torch.get_num_threads())
         bx.clip(boxes, photo.width, photo.height)
         marks, offsets, prob = self.onet(_to_tensor(crops, self.device))
         marks, offsets, prob = marks.cpu().numpy(), offsets.cpu().numpy(), prob.cpu().numpy()

@@ -17,10 +17,7 @@ level on 0.1% of a level's pixels moves a score by up to 0.01 and can flip which
    bands are rebuilt with Pillow's own arithmetic (``exact_band``) and P-Net runs again on
    them. Every candidate box comes from those exact rows, as the reference's do.
 
-P-Net runs on horizontal strips of at most ``STRIP_PIXELS`` input pixels. The outputs are the
-same (an output row sees 12 input rows; strips overlap by 10), and the intermediate maps stay
-under 32 MiB, above which glibc's allocator maps fresh pages on every call: on the largest
-levels of a big photo that halves P-Net's time.
+P-Net itself runs as ``proposal.PNetPass`` does it.
 """
 import math
 
@@ -29,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from serving.native import map_native
+
+from .proposal import PNetPass
+
 MIN_DETECTION_SIZE = 12  # P-Net's window, pixels
-STRIP_PIXELS = 500_000  # conv1's output: 10 float32 channels, 20 MB
 PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images
 MARGIN_EXACT_KERNEL = 0.05  # approximate scores from the uint8 CPU kernel
 MARGIN_FLOAT_KERNEL = 0.1  # approximate scores from the float path
@@ -150,60 +150,13 @@ def exact_band(photo: Photo, size: tuple, rows: tuple) -> torch.Tensor:
     first, count, weights = first[top:bottom], count[top:bottom], weights[top:bottom]
     src_top, src_bottom = int(first[0]), int((first + count).max())
     strip = photo.pil.resize((width, src_bottom - src_top), Image.BILINEAR, box=(0, src_top, photo.width, src_bottom))
-    matrix = np.zeros((bottom - top, src_bottom - src_top))
+    # The vertical pass without BLAS: a BLAS call this small costs more in waking its threads.
     taps = np.arange(weights.shape[1])
-    r, t = np.nonzero(taps[None, :] < count[:, None])
-    matrix[r, first[r] - src_top + t] = weights[r, t]
-    # torch rather than NumPy for the product: NumPy's BLAS threads would spin against torch's.
-    horizontal = torch.from_numpy(np.array(strip)).view(src_bottom - src_top, -1)
-    sums = torch.from_numpy(matrix) @ horizontal.double()
-    out = sums.add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS).floor_().clamp_(0, 255)
-    return out.to(torch.uint8).view(bottom - top, width, 3)
-
-
-def normalise(image: torch.Tensor) -> torch.Tensor:
-    """uint8 N×3×H×W -> float32 (x - 127.5) * 0.0078125, channels-last memory for the convs."""
-    x = image.to(dtype=torch.float32, memory_format=torch.channels_last)
-    return x.sub_(127.5).mul_(0.0078125)
-
-
-def pnet_rows(height: int) -> int:
-    """Rows of P-Net's output map for a level (or band) ``height`` pixels high."""
-    return math.ceil((height - 2) / 2) - 4
-
-
-class PNetPass:
-    """P-Net over one uint8 level, in strips, with its two heads fused into one 1×1 convolution.
-
-    The trunk is the net's own; of the 2-way classification head only the face logit is
-    computed, and the score is the reference's softmax of it over the map's width. Each strip
-    is normalised on its own, while it is still in cache.
-    """
-
-    def __init__(self, pnet: torch.nn.Module):
-        self.features = pnet.features
-        self.head_weight = torch.cat([pnet.conv4_1.weight[1:2], pnet.conv4_2.weight])  # 5×32×1×1
-        self.head_bias = torch.cat([pnet.conv4_1.bias[1:2], pnet.conv4_2.bias])
-
-    def __call__(self, level: torch.Tensor):
-        """1×3×h×w uint8 level -> (score h'×w', offsets h'×w'×4), h' = ``pnet_rows(h)``."""
-        height, width = level.shape[2:]
-        out_rows = pnet_rows(height)
-        step = max(1, STRIP_PIXELS // (2 * width))
-        if out_rows <= step:
-            return self._forward(level)
-        scores, offsets = [], []
-        for start in range(0, out_rows, step):
-            stop = min(out_rows, start + step)
-            bottom = height if stop == out_rows else 2 * stop + 10
-            score, offset = self._forward(level[:, :, 2 * start:bottom])
-            scores.append(score)
-            offsets.append(offset)
-        return torch.cat(scores), torch.cat(offsets)
-
-    def _forward(self, level: torch.Tensor):
-        head = F.conv2d(self.features(normalise(level)), self.head_weight, self.head_bias)[0]
-        return torch.softmax(head[0], dim=-1), head[1:].permute(1, 2, 0)
+    index = np.minimum(first[:, None] + taps[None, :], src_bottom - 1) - src_top  # rows × taps
+    horizontal = np.asarray(strip, dtype=np.float64).reshape(src_bottom - src_top, -1)
+    sums = np.einsum("rt,rtc->rc", weights, horizontal[index])  # zero weights past each count
+    out = np.clip(np.floor((sums + (1 << (PRECISION_BITS - 1))) / (1 << PRECISION_BITS)), 0, 255)
+    return torch.from_numpy(out.astype(np.uint8).reshape(bottom - top, width, 3))
 
 
 def row_runs(rows: np.ndarray) -> list:
@@ -217,18 +170,42 @@ def row_runs(rows: np.ndarray) -> list:
     return runs
 
 
-def scan_level(photo: Photo, pnet: PNetPass, scale: float, threshold: float):
-    """P-Net cells of one pyramid level whose score passes ``threshold``, computed on the exact
-    level: (rows, cols, scores, offsets N×4) as NumPy, in row-major order."""
-    size = level_size(photo.width, photo.height, scale)
-    score, _ = pnet(resize(photo.pixels, size))
-    near = torch.nonzero(score.amax(dim=1) > threshold - resize_margin(photo.pixels.device)).flatten().cpu().numpy()
-    found = []
-    for start, stop in row_runs(near):
-        band = exact_band(photo, size, (2 * start, min(size[0], 2 * stop + 10)))
+def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, workers: int = 1) -> list:
+    """P-Net cells whose score passes ``threshold`` on each pyramid level, all computed on the
+    exact levels: one (rows, cols, scores, offsets N×4) NumPy tuple per scale, row-major.
+
+    Every level is scanned approximately first; then the exact bands of all levels are built,
+    their Pillow passes spread over ``workers`` native threads (Pillow resamples on one core,
+    without the GIL), and P-Net runs on them.
+    """
+    sizes = [level_size(photo.width, photo.height, scale) for scale in scales]
+    margin = resize_margin(photo.pixels.device)
+    jobs = []  # (level, first map row, band's pixel rows)
+    for level, size in enumerate(sizes):
+        score, _ = pnet(resize(photo.pixels, size))
+        near = torch.nonzero(score.amax(dim=1) > threshold - margin).flatten().cpu().numpy()
+        jobs.extend((level, start, (2 * start, min(size[0], 2 * stop + 10))) for start, stop in row_runs(near))
+    _ = photo.pil  # made once, before the threads share it
+
+    def build(k: int) -> torch.Tensor:
+        level, _, rows = jobs[k]
+        return exact_band(photo, sizes[level], rows)
+
+    # The bands that read the most source rows go first, so the threads finish together.
+    order = sorted(range(len(jobs)), key=lambda k: (jobs[k][2][1] - jobs[k][2][0]) / scales[jobs[k][0]], reverse=True)
+    bands = [None] * len(jobs)
+    for k, band in zip(order, map_native(build, order, workers)):
+        bands[k] = band
+    found = [[] for _ in scales]
+    for (level, start, _), band in zip(jobs, bands):
         band_score, band_offsets = pnet(band.to(photo.pixels.device).permute(2, 0, 1).unsqueeze(0))
         rows, cols = torch.nonzero(band_score > threshold, as_tuple=True)
-        found.append((rows + start, cols, band_score[rows, cols], band_offsets[rows, cols]))
-    if not found:
+        found[level].append((rows + start, cols, band_score[rows, cols], band_offsets[rows, cols]))
+    return [_cells(parts) for parts in found]
+
+
+def _cells(parts: list) -> tuple:
+    """Concatenate one level's (rows, cols, scores, offsets) tensors as NumPy."""
+    if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
-    return tuple(torch.cat(part).cpu().numpy() for part in zip(*found))
+    return tuple(torch.cat(part).cpu().numpy() for part in zip(*parts))

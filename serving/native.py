@@ -47,3 +47,50 @@ class Offloader:
             from gevent.threadpool import ThreadPool
             self._pool, self._pid = ThreadPool(self.size), os.getpid()
         return self._pool.apply(fn, args)
+
+
+def map_native(fn, items, workers: int) -> list:
+    """``[fn(item) for item in items]`` spread over ``workers`` native threads, the caller's
+    included (helpers are started for the call and end with it); the first error is raised.
+
+    For work that releases the GIL (PIL's resampling, say): under gevent the caller is already a
+    native thread, and ``threading`` would give greenlets that run one at a time.
+    """
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    results, errors = [None] * len(items), []
+    claim, cursor = allocate_lock(), [0]
+
+    def drain():
+        while True:
+            with claim:
+                index = cursor[0]
+                cursor[0] += 1
+            if index >= len(items):
+                return
+            try:
+                results[index] = fn(items[index])
+            except BaseException as exc:  # re-raised in the caller
+                errors.append(exc)
+
+    finished = []
+    for _ in range(workers - 1):
+        done = allocate_lock()
+        done.acquire()
+        finished.append(done)
+        start_new_thread(_run_then_release, (drain, done))
+    drain()
+    for done in finished:
+        done.acquire()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _run_then_release(fn, lock):
+    try:
+        fn()
+    finally:
+        lock.release()

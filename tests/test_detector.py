@@ -1,0 +1,133 @@
+"""The fast MTCNN pieces against the plain computations they replace.
+
+- ``proposal.PNetPass`` (conv1 + PReLU + pool as one stride-2 convolution, strips, fused heads)
+  against ``nets.PNet`` run as the reference runs it, on even and odd level sizes;
+- ``pyramid.exact_band`` against Pillow's own resize of the whole level;
+- ``pyramid.scan_pyramid`` (approximate levels, exact bands in threads) against P-Net on every
+  exact level in full;
+- ``detector.crop_boxes`` and ``serving.native.map_native`` with several threads.
+"""
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import photo
+from face_alignment import pyramid as pyr
+from face_alignment import proposal
+from face_alignment.detector import crop_boxes
+from face_alignment.nets import load_nets
+from serving.native import map_native
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return load_nets(torch.device("cpu"))
+
+
+def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth random H×W×3 uint8 RGB image (noise blurred by a PIL downscale)."""
+    rng = np.random.default_rng(seed)
+    noise = Image.fromarray(rng.integers(0, 256, (height * 4, width * 4, 3), dtype=np.uint8))
+    return np.array(noise.resize((width, height), Image.BILINEAR))
+
+
+def plain_pnet(pnet, level: torch.Tensor):
+    """P-Net as the reference runs it on a 1×3×h×w uint8 level: (score h'×w', offsets h'×w'×4)."""
+    x = level.float().sub(127.5).mul(0.0078125)
+    offsets, score = pnet(x)
+    return score[0], offsets[0].permute(1, 2, 0)
+
+
+@pytest.mark.parametrize("size", [(480, 720), (481, 720), (480, 721), (37, 53), (12, 12), (13, 17)])
+def test_pnet_pass_matches_the_net(nets, size):
+    level = torch.from_numpy(random_image(*size)).permute(2, 0, 1).unsqueeze(0)
+    fast = proposal.PNetPass(nets[0])
+    with torch.inference_mode():
+        score, offsets = fast(level)
+        want_score, want_offsets = plain_pnet(nets[0], level)
+    assert score.shape == want_score.shape == (proposal.pnet_rows(size[0]), want_score.shape[1])
+    assert torch.allclose(score, want_score, atol=1e-5), (score - want_score).abs().max()
+    assert torch.allclose(offsets, want_offsets, atol=1e-5), (offsets - want_offsets).abs().max()
+
+
+def test_pnet_pass_in_strips_matches_one_pass(nets, monkeypatch):
+    level = torch.from_numpy(random_image(301, 211, seed=1)).permute(2, 0, 1).unsqueeze(0)
+    fast = proposal.PNetPass(nets[0])
+    with torch.inference_mode():
+        whole = fast(level)
+        monkeypatch.setattr(proposal, "STRIP_PIXELS", 211 * 30)  # 15 output rows per strip
+        strips = fast(level)
+    assert strips[0].shape == whole[0].shape
+    assert torch.allclose(strips[0], whole[0], atol=1e-6)
+    assert torch.allclose(strips[1], whole[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("size, rows", [((240, 180), (0, 240)), ((240, 180), (37, 61)),
+                                        ((31, 23), (5, 27)), ((13, 9), (0, 13))])
+def test_exact_band_is_pillows_resize(size, rows):
+    image = random_image(481, 355, seed=2)
+    level = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+    band = pyr.exact_band(pyr.Photo.of_array(image, torch.device("cpu")), size, rows)
+    assert band.dtype == torch.uint8
+    np.testing.assert_array_equal(band.numpy(), level[rows[0]:rows[1]])
+
+
+def test_scan_pyramid_finds_the_cells_of_the_exact_levels(nets):
+    image = np.asarray(Image.open(io.BytesIO(photo("img1.jpeg"))).convert("RGB"))
+    found_photo = pyr.Photo.of_array(image, torch.device("cpu"))
+    scales = pyr.pyramid_scales(found_photo.width, found_photo.height, 20.0, 0.85)
+    fast = proposal.PNetPass(nets[0])
+    with torch.inference_mode():
+        cells = pyr.scan_pyramid(found_photo, fast, scales, 0.6, workers=2)
+        assert sum(len(rows) for rows, *_ in cells) > 0
+        for scale, (rows, cols, scores, offsets) in zip(scales, cells):
+            height, width = pyr.level_size(found_photo.width, found_photo.height, scale)
+            level = np.asarray(found_photo.pil.resize((width, height), Image.BILINEAR))
+            score, offset = plain_pnet(nets[0], torch.from_numpy(level).permute(2, 0, 1).unsqueeze(0))
+            want_rows, want_cols = torch.nonzero(score > 0.6, as_tuple=True)
+            np.testing.assert_array_equal(rows, want_rows.numpy())
+            np.testing.assert_array_equal(cols, want_cols.numpy())
+            np.testing.assert_allclose(scores, score[want_rows, want_cols].numpy(), atol=1e-5)
+            np.testing.assert_allclose(offsets, offset[want_rows, want_cols].numpy(), atol=1e-5)
+
+
+def test_crop_boxes_in_threads_match_one_thread():
+    image = random_image(300, 400, seed=3)
+    rng = np.random.default_rng(4)
+    corners = rng.uniform(-50, 380, (40, 2))
+    boxes = np.hstack([corners, corners + rng.uniform(-5, 120, (40, 1))])  # some empty, some outside
+    one = crop_boxes(image, boxes, 24, workers=1)
+    assert one.any()
+    np.testing.assert_array_equal(crop_boxes(image, boxes, 24, workers=3), one)
+
+
+def test_map_native_keeps_order_and_uses_threads():
+    seen = set()
+
+    def work(i):
+        seen.add(threading.get_ident())
+        time.sleep(0.02)  # releases the GIL, as Pillow does
+        return i * i
+
+    assert map_native(work, range(8), workers=2) == [i * i for i in range(8)]
+    assert len(seen) == 2
+    assert map_native(work, [], workers=2) == []
+
+
+def test_map_native_raises_the_first_error_after_all_finish():
+    done = []
+
+    def work(i):
+        if i == 3:
+            raise ValueError("bad item")
+        time.sleep(0.01)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="bad item"):
+        map_native(work, range(6), workers=2)
+    assert sorted(done) == [0, 1, 2, 4, 5]
