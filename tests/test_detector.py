@@ -87,7 +87,7 @@ def test_scan_pyramid_finds_the_cells_of_the_exact_levels(nets):
         assert sum(len(rows) for rows, *_ in cells) > 0
         for scale, (rows, cols, scores, offsets) in zip(scales, cells):
             height, width = pyr.level_size(found_photo.width, found_photo.height, scale)
-            level = np.asarray(found_photo.pil.resize((width, height), Image.BILINEAR))
+            level = np.array(found_photo.pil.resize((width, height), Image.BILINEAR))
             score, offset = plain_pnet(nets[0], torch.from_numpy(level).permute(2, 0, 1).unsqueeze(0))
             want_rows, want_cols = torch.nonzero(score > 0.6, as_tuple=True)
             np.testing.assert_array_equal(rows, want_rows.numpy())
