@@ -21,7 +21,7 @@ from . import pyramid as pyr
 from .nets import load_nets
 from .pyramid import pyramid_scales
 
-CROPS_PER_THREAD = 8  # fewer boxes than this per extra thread are cut in the caller's
+CROPS_PER_THREAD = 2  # a face-sized crop takes Pillow about 1 ms; a thread starts in 0.1 ms
 
 
 @dataclass(frozen=True)
