@@ -31,7 +31,7 @@ from PIL import Image
 
 from serving.native import map_native
 
-from .proposal import PNetPass
+from .proposal import STRIP_PIXELS, PNetPass
 
 MIN_DETECTION_SIZE = 12  # P-Net's window, pixels
 PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images
@@ -184,10 +184,21 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
     sizes = [level_size(photo.width, photo.height, scale) for scale in scales]
     margin = resize_margin(photo.pixels.device)
     jobs = []  # (level, first map row, band's pixel rows)
-    for level, size in enumerate(sizes):
-        score, _ = pnet(resize(photo.pixels, size))
+
+    def scanned(level: int, score: torch.Tensor):
         near = torch.nonzero(score.amax(dim=1) > threshold - margin).flatten().cpu().numpy()
-        jobs.extend((level, start, (2 * start, min(size[0], 2 * stop + 10))) for start, stop in row_runs(near))
+        rows = sizes[level][0]
+        jobs.extend((level, start, (2 * start, min(rows, 2 * stop + 10))) for start, stop in row_runs(near))
+
+    small = []  # the levels P-Net runs on together
+    for level, size in enumerate(sizes):
+        pixels = resize(photo.pixels, size)
+        if size[0] * size[1] > STRIP_PIXELS:
+            scanned(level, pnet(pixels)[0])
+        else:
+            small.append((level, pixels))
+    for (level, _), (score, _) in zip(small, pnet.many([pixels for _, pixels in small])):
+        scanned(level, score)
     _ = photo.pil  # made once, before the threads share it
 
     def build(k: int) -> torch.Tensor:
@@ -200,8 +211,8 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
     for k, band in zip(order, map_native(build, order, workers)):
         bands[k] = band
     found = [[] for _ in scales]
-    for (level, start, _), band in zip(jobs, bands):
-        band_score, band_offsets = pnet(band.to(photo.pixels.device).permute(2, 0, 1).unsqueeze(0))
+    outputs = pnet.many([band.to(photo.pixels.device).permute(2, 0, 1).unsqueeze(0) for band in bands])
+    for (level, start, _), (band_score, band_offsets) in zip(jobs, outputs):
         rows, cols = torch.nonzero(band_score > threshold, as_tuple=True)
         found[level].append((rows + start, cols, band_score[rows, cols], band_offsets[rows, cols]))
     return [_cells(parts) for parts in found]

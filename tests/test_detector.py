@@ -1,7 +1,8 @@
 """The fast MTCNN pieces against the plain computations they replace.
 
-- ``proposal.PNetPass`` (conv1 + PReLU + pool as one stride-2 convolution, strips, fused heads)
-  against ``nets.PNet`` run as the reference runs it, on even and odd level sizes;
+- ``proposal.PNetPass`` (conv1 + PReLU + pool as one stride-2 convolution, strips, small levels
+  stacked into one canvas, fused heads) against ``nets.PNet`` run as the reference runs it, on
+  even and odd level sizes;
 - ``pyramid.exact_band`` against Pillow's own resize of the whole level;
 - ``pyramid.scan_pyramid`` (approximate levels, exact bands in threads) against P-Net on every
   exact level in full;
@@ -53,6 +54,20 @@ def test_pnet_pass_matches_the_net(nets, size):
     assert score.shape == want_score.shape == (proposal.pnet_rows(size[0]), want_score.shape[1])
     assert torch.allclose(score, want_score, atol=1e-5), (score - want_score).abs().max()
     assert torch.allclose(offsets, want_offsets, atol=1e-5), (offsets - want_offsets).abs().max()
+
+
+def test_pnet_pass_on_stacked_levels_matches_each_alone(nets):
+    sizes = [(37, 53), (13, 17), (12, 12), (40, 21), (23, 40), (151, 131), (60, 90)]
+    levels = [torch.from_numpy(random_image(*size, seed=i)).permute(2, 0, 1).unsqueeze(0)
+              for i, size in enumerate(sizes)]
+    fast = proposal.PNetPass(nets[0])
+    with torch.inference_mode():
+        found = fast.many(levels)
+        for level, (score, offsets) in zip(levels, found):
+            want_score, want_offsets = plain_pnet(nets[0], level)
+            assert score.shape == want_score.shape
+            assert torch.allclose(score, want_score, atol=1e-5), (score - want_score).abs().max()
+            assert torch.allclose(offsets, want_offsets, atol=1e-5), (offsets - want_offsets).abs().max()
 
 
 def test_pnet_pass_in_strips_matches_one_pass(nets, monkeypatch):
