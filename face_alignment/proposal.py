@@ -45,8 +45,8 @@ def pooled_conv1(pnet: torch.nn.Module):
 
 
 class PNetPass:
-    """P-Net over one uint8 level, in horizontal strips, with its two heads fused into one 1×1
-    convolution of 5 channels (the face logit and the 4 box offsets).
+    """P-Net over uint8 levels (one, or several at once with ``many``), with its two heads fused
+    into one 1×1 convolution of 5 channels (the face logit and the 4 box offsets).
 
     The score is the reference's: a softmax of the face logit over the map's width. Strips of at
     most ``STRIP_PIXELS`` input pixels overlap by 10 rows (an output row sees 12 input rows), so

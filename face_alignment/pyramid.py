@@ -31,7 +31,7 @@ from PIL import Image
 
 from serving.native import map_native
 
-from .proposal import STRIP_PIXELS, PNetPass
+from .proposal import STACKED_LEVEL_PIXELS, PNetPass
 
 MIN_DETECTION_SIZE = 12  # P-Net's window, pixels
 PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images
@@ -190,10 +190,10 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
         rows = sizes[level][0]
         jobs.extend((level, start, (2 * start, min(rows, 2 * stop + 10))) for start, stop in row_runs(near))
 
-    small = []  # the levels P-Net runs on together
+    small = []  # the levels P-Net runs on stacked together
     for level, size in enumerate(sizes):
         pixels = resize(photo.pixels, size)
-        if size[0] * size[1] > STRIP_PIXELS:
+        if size[0] * size[1] > STACKED_LEVEL_PIXELS:
             scanned(level, pnet(pixels)[0])
         else:
             small.append((level, pixels))
