@@ -18,6 +18,7 @@ import argparse
 import csv
 import re
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -180,34 +181,24 @@ def cmd_identify(args) -> int:
 # -- export, import, list ------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
-    store = open_store(_url(args))
-    try:
+    with closing(open_store(_url(args))) as store:
         count = export_gallery(store, args.gallery, Path(args.file))
-    finally:
-        store.close()
     print(f"wrote {count} faces of gallery {args.gallery} to {args.file}")
     return 0
 
 
 def cmd_import(args) -> int:
     from tqdm import tqdm
-    store = open_store(_url(args))
-    try:
-        with tqdm(desc=f"gallery {args.gallery}", unit="face") as bar:
-            added, existing = import_gallery(store, args.gallery, Path(args.file), progress=bar.update)
-    finally:
-        store.close()
+    with closing(open_store(_url(args))) as store, tqdm(desc=f"gallery {args.gallery}", unit="face") as bar:
+        added, existing = import_gallery(store, args.gallery, Path(args.file), progress=bar.update)
     print(f"imported {added} faces into gallery {args.gallery} ({existing} were already there)")
     return 0
 
 
 def cmd_list(args) -> int:
-    store = open_store(_url(args))
-    try:
+    with closing(open_store(_url(args))) as store:
         for g in store.list_galleries():
             print(f"{g.name}\t{g.identities} identities\t{g.faces} faces")
-    finally:
-        store.close()
     return 0
 
 
