@@ -78,28 +78,27 @@ def resize_margin(device: torch.device) -> float:
     return MARGIN_EXACT_KERNEL if device.type == "cpu" else MARGIN_FLOAT_KERNEL
 
 
-def pil_coefficients(in_size: int, out_size: int):
-    """Pillow's BILINEAR resampling coefficients along one axis, as ``precompute_coeffs`` and
-    ``normalize_coeffs_8bpc`` compute them (same double arithmetic, same order).
+def pil_coefficients(in_size: int, out_size: int, start: int = 0, stop: int = None):
+    """Pillow's BILINEAR resampling coefficients along one axis for output pixels
+    ``start:stop`` (default all), as ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` compute
+    them (same double arithmetic, same order).
 
     Returns (first, count, weights): output pixel i is
     ``clip8((sum_t weights[i, t] * in[first[i] + t] + 2**21) >> 22)`` over t < count[i];
-    weights are integers (float64 array out_size × ksize, zero past count).
+    weights are integers (float64 array (stop - start) × ksize, zero past count).
     """
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = filterscale  # the triangle filter's support is 1
     ksize = int(math.ceil(support)) * 2 + 1
-    center = (np.arange(out_size) + 0.5) * scale
+    center = (np.arange(start, out_size if stop is None else stop) + 0.5) * scale
     first = np.maximum((center - support + 0.5).astype(np.int64), 0)
     count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
     taps = np.arange(ksize)
     offset = taps[None, :] + first[:, None] - center[:, None] + 0.5  # as Pillow: int + int - double
     weights = np.maximum(1.0 - np.abs(offset * (1.0 / filterscale)), 0.0)
     weights[taps[None, :] >= count[:, None]] = 0.0
-    total = np.zeros(out_size)
-    for t in range(ksize):  # Pillow sums the weights in order
-        total = total + weights[:, t]
+    total = np.cumsum(weights, axis=1)[:, -1]  # summed in order, as Pillow sums them
     weights = np.divide(weights, total[:, None], out=weights, where=total[:, None] != 0.0)
     return first, count, np.trunc(0.5 + weights * (1 << PRECISION_BITS))
 
@@ -149,8 +148,7 @@ def exact_band(photo: Photo, size: tuple, rows: tuple) -> torch.Tensor:
     """
     height, width = size
     top, bottom = rows
-    first, count, weights = pil_coefficients(photo.height, height)
-    first, count, weights = first[top:bottom], count[top:bottom], weights[top:bottom]
+    first, count, weights = pil_coefficients(photo.height, height, top, bottom)
     src_top, src_bottom = int(first[0]), int((first + count).max())
     strip = photo.pil.resize((width, src_bottom - src_top), Image.BILINEAR, box=(0, src_top, photo.width, src_bottom))
     # The vertical pass without BLAS: a BLAS call this small costs more in waking its threads.
@@ -177,9 +175,10 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
     """P-Net cells whose score passes ``threshold`` on each pyramid level, all computed on the
     exact levels: one (rows, cols, scores, offsets N×4) NumPy tuple per scale, row-major.
 
-    Every level is scanned approximately first; then the exact bands of all levels are built,
-    their Pillow passes spread over ``workers`` native threads (Pillow resamples on one core,
-    without the GIL), and P-Net runs on them.
+    Every level is made approximately (``workers`` native threads share the levels: torch's
+    uint8 resize runs on one core, without the GIL) and scanned by P-Net for its scores alone;
+    then the exact bands of all levels are built, their Pillow passes also spread over
+    ``workers`` native threads, and P-Net runs on them for scores and box offsets.
     """
     sizes = [level_size(photo.width, photo.height, scale) for scale in scales]
     margin = resize_margin(photo.pixels.device)
@@ -190,14 +189,15 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
         rows = sizes[level][0]
         jobs.extend((level, start, (2 * start, min(rows, 2 * stop + 10))) for start, stop in row_runs(near))
 
+    on_cpu = photo.pixels.device.type == "cpu"
+    levels = map_native(lambda size: resize(photo.pixels, size), sizes, workers if on_cpu else 1)
     small = []  # the levels P-Net runs on stacked together
-    for level, size in enumerate(sizes):
-        pixels = resize(photo.pixels, size)
+    for level, (size, pixels) in enumerate(zip(sizes, levels)):
         if size[0] * size[1] > STACKED_LEVEL_PIXELS:
-            scanned(level, pnet(pixels)[0])
+            scanned(level, pnet(pixels, offsets=False)[0])
         else:
             small.append((level, pixels))
-    for (level, _), (score, _) in zip(small, pnet.many([pixels for _, pixels in small])):
+    for (level, _), (score, _) in zip(small, pnet.many([pixels for _, pixels in small], offsets=False)):
         scanned(level, score)
     _ = photo.pil  # made once, before the threads share it
 
