@@ -37,6 +37,7 @@ MIN_DETECTION_SIZE = 12  # P-Net's window, pixels
 PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images
 MARGIN_EXACT_KERNEL = 0.05  # approximate scores from the uint8 CPU kernel
 MARGIN_FLOAT_KERNEL = 0.1  # approximate scores from the float path
+LEVEL_BATCH_PIXELS = 8_000_000  # approximate levels made at once (24 MB): all of a 6 MP photo's
 
 
 def pyramid_scales(width: int, height: int, min_face_size: float, factor: float) -> list:
@@ -189,14 +190,15 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
         rows = sizes[level][0]
         jobs.extend((level, start, (2 * start, min(rows, 2 * stop + 10))) for start, stop in row_runs(near))
 
-    on_cpu = photo.pixels.device.type == "cpu"
-    levels = map_native(lambda size: resize(photo.pixels, size), sizes, workers if on_cpu else 1)
+    threads = workers if photo.pixels.device.type == "cpu" else 1
     small = []  # the levels P-Net runs on stacked together
-    for level, (size, pixels) in enumerate(zip(sizes, levels)):
-        if size[0] * size[1] > STACKED_LEVEL_PIXELS:
-            scanned(level, pnet(pixels, offsets=False)[0])
-        else:
-            small.append((level, pixels))
+    for batch in _level_batches(sizes):
+        levels = map_native(lambda level: resize(photo.pixels, sizes[level]), batch, threads)
+        for level, pixels in zip(batch, levels):
+            if pixels.shape[2] * pixels.shape[3] > STACKED_LEVEL_PIXELS:
+                scanned(level, pnet(pixels, offsets=False)[0])
+            else:
+                small.append((level, pixels))
     for (level, _), (score, _) in zip(small, pnet.many([pixels for _, pixels in small], offsets=False)):
         scanned(level, score)
     _ = photo.pil  # made once, before the threads share it
@@ -216,6 +218,19 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
         rows, cols = torch.nonzero(band_score > threshold, as_tuple=True)
         found[level].append((rows + start, cols, band_score[rows, cols], band_offsets[rows, cols]))
     return [_cells(parts) for parts in found]
+
+
+def _level_batches(sizes: list) -> list:
+    """Level indices in batches of at most ``LEVEL_BATCH_PIXELS`` (or one larger level), so
+    that the levels made together stay within a bounded memory."""
+    batches, total = [], LEVEL_BATCH_PIXELS
+    for level, (height, width) in enumerate(sizes):
+        if total + height * width > LEVEL_BATCH_PIXELS:
+            batches.append([])
+            total = 0
+        batches[-1].append(level)
+        total += height * width
+    return batches
 
 
 def _cells(parts: list) -> tuple:
