@@ -46,8 +46,7 @@ def pooled_conv1(pnet: torch.nn.Module):
 
 class PNetPass:
     """P-Net over uint8 levels (one, or several at once with ``many``), with its two heads fused
-    into one 1×1 convolution of 5 channels (the face logit and the 4 box offsets), or of the face
-    logit alone when the offsets are not wanted.
+    into one 1×1 convolution of 5 channels (the face logit and the 4 box offsets).
 
     The score is the reference's: a softmax of the face logit over the map's width. Strips of at
     most ``STRIP_PIXELS`` input pixels overlap by 10 rows (an output row sees 12 input rows), so
@@ -65,12 +64,11 @@ class PNetPass:
         self.head_weight = torch.cat([pnet.conv4_1.weight[1:2], pnet.conv4_2.weight])  # 5×32×1×1
         self.head_bias = torch.cat([pnet.conv4_1.bias[1:2], pnet.conv4_2.bias])
 
-    def __call__(self, level: torch.Tensor, offsets: bool = True):
-        """1×3×h×w uint8 level -> (score h'×w' float32, offsets h'×w'×4 float32 or None without
-        ``offsets``), h' = ``pnet_rows(h)``."""
-        return self.many([level], offsets)[0]
+    def __call__(self, level: torch.Tensor):
+        """1×3×h×w uint8 level -> (score h'×w' float32, offsets h'×w'×4 float32), h' = ``pnet_rows(h)``."""
+        return self.many([level])[0]
 
-    def many(self, levels: list, offsets: bool = True) -> list:
+    def many(self, levels: list) -> list:
         """P-Net over several 1×3×h×w uint8 levels (or bands): one (score, offsets) per level.
 
         Levels of up to ``STACKED_LEVEL_PIXELS`` are stacked into canvases of up to
@@ -83,77 +81,65 @@ class PNetPass:
         for i in sorted(range(len(levels)), key=lambda i: -levels[i].shape[3]):
             height, level_width = levels[i].shape[2:]
             if height * level_width > STACKED_LEVEL_PIXELS:
-                results[i] = self._in_strips(levels[i], offsets)
+                results[i] = self._in_strips(levels[i])
                 continue
             padded = height + height % 2, level_width + level_width % 2
             if stack and (rows + padded[0]) * width > CANVAS_PIXELS:
-                self._stacked([levels[k] for k in stack], stack, results, offsets)
+                self._stacked([levels[k] for k in stack], stack, results)
                 stack, rows = [], 0
             if not stack:
                 width = padded[1]
             stack.append(i)
             rows += padded[0]
         if stack:
-            self._stacked([levels[k] for k in stack], stack, results, offsets)
+            self._stacked([levels[k] for k in stack], stack, results)
         return results
 
-    def _in_strips(self, level: torch.Tensor, offsets: bool):
+    def _in_strips(self, level: torch.Tensor):
         """One level in horizontal strips of at most ``STRIP_PIXELS``, overlapping by 10 rows."""
         height, width = level.shape[2:]
         out_rows = pnet_rows(height)
         step = max(1, STRIP_PIXELS // (2 * width))
-        found = []
+        scores, offsets = [], []
         for start in range(0, out_rows, step):
             stop = min(out_rows, start + step)
             bottom = height if stop == out_rows else 2 * stop + 10
-            found.extend(self._run(*canvas([level[:, :, 2 * start:bottom]]), offsets))
-        return torch.cat([score for score, _ in found]), torch.cat([o for _, o in found]) if offsets else None
+            (score, offset), = self._run(*canvas([level[:, :, 2 * start:bottom]]))
+            scores.append(score)
+            offsets.append(offset)
+        return torch.cat(scores), torch.cat(offsets)
 
-    def _stacked(self, levels: list, indices: list, results: list, offsets: bool):
-        for i, found in zip(indices, self._run(*canvas(levels), offsets)):
+    def _stacked(self, levels: list, indices: list, results: list):
+        for i, found in zip(indices, self._run(*canvas(levels))):
             results[i] = found
 
-    def _run(self, pixels: torch.Tensor, regions: list, offsets: bool) -> list:
+    def _run(self, pixels: torch.Tensor, regions: list) -> list:
         """P-Net over a 1×3×H×W uint8 canvas holding levels at ``regions`` (top, height, width):
-        one (score, offsets or None) per region, as if each level had run alone."""
-        head_weight, head_bias = self.head_weight, self.head_bias
-        if not offsets:
-            head_weight, head_bias = head_weight[:1], head_bias[:1]
+        one (score, offsets) per region, as if each level had run alone."""
         x = self._pooled(pixels, regions)
         for weight, bias, slopes in self.rest:
             x = F.prelu(F.conv2d(x, weight, bias), slopes)
-        return _outputs(F.conv2d(x, head_weight, head_bias)[0], regions, offsets)
+        head = F.conv2d(x, self.head_weight, self.head_bias)[0]
+        found = []
+        for top, height, width in regions:
+            logits = head[:, top // 2:top // 2 + pnet_rows(height), :pnet_rows(width)]
+            found.append((torch.softmax(logits[0], dim=-1), logits[1:].permute(1, 2, 0)))
+        return found
 
     def _pooled(self, pixels: torch.Tensor, regions: list) -> torch.Tensor:
         """conv1 -> PReLU -> 2×2 max-pool (ceil mode) of each region of a 1×3×H×W uint8 canvas
         (H and W even, regions at even rows): 1×10×(H/2-1)×(W/2-1)."""
         x = pixels.to(dtype=torch.float32, memory_format=torch.channels_last)
         weight, bias, slopes = self.conv1
-        y = _ceil_mode_edges(F.prelu(F.conv2d(x, weight, bias, stride=2), slopes), regions)
+        y = F.prelu(F.conv2d(x, weight, bias, stride=2), slopes)
+        for top, height, width in regions:
+            first, rows, cols = top // 2, math.ceil((height - 2) / 2), math.ceil((width - 2) / 2)
+            if height % 2:  # the last window has no second row: groups (1, dx) repeat (0, dx)
+                y[:, 20:40, first + rows - 1, :cols] = y[:, 0:20, first + rows - 1, :cols]
+            if width % 2:  # nor a second column: groups (dy, 1) repeat (dy, 0)
+                y[:, 10:20, first:first + rows, cols - 1] = y[:, 0:10, first:first + rows, cols - 1]
+                y[:, 30:40, first:first + rows, cols - 1] = y[:, 20:30, first:first + rows, cols - 1]
         return torch.maximum(torch.maximum(y[:, 0:10], y[:, 10:20]), torch.maximum(y[:, 20:30], y[:, 30:40]))
-
-
-def _ceil_mode_edges(y: torch.Tensor, regions: list) -> torch.Tensor:
-    """Give the pool windows that ceil mode cuts short (a region's last row or column when its
-    conv1 map is odd) their real values in place of the padded ones, in the 40-channel map."""
-    for top, height, width in regions:
-        first, rows, cols = top // 2, math.ceil((height - 2) / 2), math.ceil((width - 2) / 2)
-        if height % 2:  # the last window has no second row: groups (1, dx) repeat (0, dx)
-            y[:, 20:40, first + rows - 1, :cols] = y[:, 0:20, first + rows - 1, :cols]
-        if width % 2:  # nor a second column: groups (dy, 1) repeat (dy, 0)
-            y[:, 10:20, first:first + rows, cols - 1] = y[:, 0:10, first:first + rows, cols - 1]
-            y[:, 30:40, first:first + rows, cols - 1] = y[:, 20:30, first:first + rows, cols - 1]
-    return y
-
-
-def _outputs(head: torch.Tensor, regions: list, offsets: bool) -> list:
-    """Each region's (score, offsets or None) from the head's C×H'×W' logits (C = 5, or 1 without
-    ``offsets``)."""
-    found = []
-    for top, height, width in regions:
-        logits = head[:, top // 2:top // 2 + pnet_rows(height), :pnet_rows(width)]
-        found.append((torch.softmax(logits[0], dim=-1), logits[1:].permute(1, 2, 0) if offsets else None))
-    return found
 
 
 def canvas(levels: list):

@@ -3,10 +3,12 @@
 - ``proposal.PNetPass`` (conv1 + PReLU + pool as one stride-2 convolution, strips, small levels
   stacked into one canvas, fused heads) against ``nets.PNet`` run as the reference runs it, on
   even and odd level sizes;
-- ``pyramid.exact_band`` against Pillow's own resize of the whole level;
-- ``pyramid.scan_pyramid`` (approximate levels, exact bands in threads) against P-Net on every
-  exact level in full;
-- ``detector.crop_boxes`` and ``serving.native.map_native`` with several threads.
+- ``pyramid.scan_pyramid`` (levels made in threads, big ones in strips, small ones stacked)
+  against P-Net on every level made by Pillow;
+- ``detector.crop_boxes`` against PIL's crop and resize, and with several threads;
+- ``serving.native.map_native``.
+
+``resample.Resampler`` itself is checked against Pillow in ``test_resample.py``.
 """
 import io
 import threading
@@ -82,19 +84,9 @@ def test_pnet_pass_in_strips_matches_one_pass(nets, monkeypatch):
     assert torch.allclose(strips[1], whole[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("size, rows", [((240, 180), (0, 240)), ((240, 180), (37, 61)),
-                                        ((31, 23), (5, 27)), ((13, 9), (0, 13))])
-def test_exact_band_is_pillows_resize(size, rows):
-    image = random_image(481, 355, seed=2)
-    level = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-    band = pyr.exact_band(pyr.Photo.of_array(image, torch.device("cpu")), size, rows)
-    assert band.dtype == torch.uint8
-    np.testing.assert_array_equal(band.numpy(), level[rows[0]:rows[1]])
-
-
 def test_scan_pyramid_finds_the_cells_of_the_exact_levels(nets):
     image = np.asarray(Image.open(io.BytesIO(photo("img1.jpeg"))).convert("RGB"))
-    found_photo = pyr.Photo.of_array(image, torch.device("cpu"))
+    found_photo = pyr.Photo(image)
     scales = pyr.pyramid_scales(found_photo.width, found_photo.height, 20.0, 0.85)
     fast = proposal.PNetPass(nets[0])
     with torch.inference_mode():
@@ -102,13 +94,25 @@ def test_scan_pyramid_finds_the_cells_of_the_exact_levels(nets):
         assert sum(len(rows) for rows, *_ in cells) > 0
         for scale, (rows, cols, scores, offsets) in zip(scales, cells):
             height, width = pyr.level_size(found_photo.width, found_photo.height, scale)
-            level = np.array(found_photo.pil.resize((width, height), Image.BILINEAR))
+            level = np.array(Image.fromarray(image).resize((width, height), Image.BILINEAR))
             score, offset = plain_pnet(nets[0], torch.from_numpy(level).permute(2, 0, 1).unsqueeze(0))
             want_rows, want_cols = torch.nonzero(score > 0.6, as_tuple=True)
             np.testing.assert_array_equal(rows, want_rows.numpy())
             np.testing.assert_array_equal(cols, want_cols.numpy())
             np.testing.assert_allclose(scores, score[want_rows, want_cols].numpy(), atol=1e-5)
             np.testing.assert_allclose(offsets, offset[want_rows, want_cols].numpy(), atol=1e-5)
+
+
+def test_crop_boxes_are_pils_crop_and_resize():
+    image = random_image(300, 400, seed=5)
+    pil = Image.fromarray(image)
+    boxes = np.array([[10, 20, 209, 219], [-30, -12, 90, 108], [350, 250, 449, 349],  # inside, over edges
+                      [100, 100, 110, 110], [-200, -200, -100, -100], [0, 0, 0, 0]], float)  # tiny, outside
+    for size in (24, 48):
+        crops = crop_boxes(image, boxes, size)
+        for crop, (x1, y1, x2, y2) in zip(crops, boxes.astype(int).tolist()):
+            want = np.asarray(pil.crop((x1, y1, x2 + 1, y2 + 1)).resize((size, size), Image.BILINEAR))
+            np.testing.assert_array_equal(crop, want)
 
 
 def test_crop_boxes_in_threads_match_one_thread():
