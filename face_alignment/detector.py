@@ -125,8 +125,7 @@ class MTCNN:
         the x and y factors from its pixels back to the original's."""
         ratio = max_side / max(photo.height, photo.width)
         size = (max(1, round(photo.height * ratio)), max(1, round(photo.width * ratio)))
-        photo.resampler.columns(torch.get_num_threads())  # the transposed photo, in parallel
-        small = pyr.Photo(photo.resampler.resize(size))
+        small = pyr.Photo(photo.resampler.resize_many([size], torch.get_num_threads())[0])
         return small, photo.width / size[1], photo.height / size[0]
 
     def _stage_one(self, photo: pyr.Photo, p: DetectorParams) -> np.ndarray:

@@ -13,13 +13,11 @@ import math
 import numpy as np
 import torch
 
-from serving.native import map_native
-
 from .proposal import STACKED_LEVEL_PIXELS, PNetPass
 from .resample import Resampler
 
 MIN_DETECTION_SIZE = 12  # P-Net's window, pixels
-LEVEL_BATCH_PIXELS = 8_000_000  # levels made at once (24 MB): all of a 6 MP photo's
+LEVEL_BATCH_PIXELS = 8_000_000  # levels made at once: their horizontal passes hold 24 MB
 
 
 def pyramid_scales(width: int, height: int, min_face_size: float, factor: float) -> list:
@@ -61,15 +59,14 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
     """P-Net cells whose score passes ``threshold`` on each pyramid level: one (rows, cols,
     scores, offsets N×4) NumPy tuple per scale, row-major.
 
-    The levels are made ``workers`` at a time in native threads, in batches of at most
+    The levels are made with ``workers`` native threads, in batches bounded by
     ``LEVEL_BATCH_PIXELS`` (so a huge photo's pyramid is never all in memory at once), and go to
     P-Net's device; the levels of up to ``STACKED_LEVEL_PIXELS`` run together at the end.
     """
     sizes = [level_size(photo.width, photo.height, scale) for scale in scales]
     found, small = [None] * len(scales), []
-    photo.resampler.columns(workers)  # made once, before the threads share it
-    for batch in _level_batches(sizes):
-        levels = map_native(lambda level: photo.resampler.resize(sizes[level]), batch, workers)
+    for batch in _level_batches(sizes, photo.height):
+        levels = photo.resampler.resize_many([sizes[level] for level in batch], workers)
         for level, pixels in zip(batch, levels):
             tensor = torch.from_numpy(pixels).to(pnet.device).permute(2, 0, 1).unsqueeze(0)
             if pixels.shape[0] * pixels.shape[1] > STACKED_LEVEL_PIXELS:
@@ -81,15 +78,16 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
     return found
 
 
-def _level_batches(sizes: list) -> list:
-    """Level indices in batches of at most ``LEVEL_BATCH_PIXELS`` (or one larger level)."""
+def _level_batches(sizes: list, photo_height: int) -> list:
+    """Level indices in batches whose horizontal passes (photo height × level width each) come
+    to at most ``LEVEL_BATCH_PIXELS``, or one larger level."""
     batches, total = [], LEVEL_BATCH_PIXELS
-    for level, (height, width) in enumerate(sizes):
-        if total + height * width > LEVEL_BATCH_PIXELS:
+    for level, (_, width) in enumerate(sizes):
+        if total + photo_height * width > LEVEL_BATCH_PIXELS:
             batches.append([])
             total = 0
         batches[-1].append(level)
-        total += height * width
+        total += photo_height * width
     return batches
 
 

@@ -12,8 +12,10 @@ of thousands of pixels, which the compiler (numba) turns into 8-wide integer SIM
 horizontal pass runs on the photo transposed, so that its source columns are rows too. The
 arithmetic is Pillow's: the same coefficients (``pil_coefficients``), 32-bit integer sums with
 the same rounding bias, the same shift and clip, so the result is identical, not close
-(``tests/test_resample.py`` checks it against Pillow). Without numba the levels come from
-Pillow itself, slower and the same.
+(``tests/test_resample.py`` checks it against Pillow). Pillow 13 chooses which pass runs first
+by the sizes, and runs the vertical one first for some (a photo more than twice as high as wide,
+say); ``Resampler.horizontal_first`` tells which sizes are computed here, and the rest, like
+everything when numba is missing, comes from Pillow itself, slower and the same.
 """
 import functools
 import math
@@ -29,7 +31,9 @@ except ImportError:  # pragma: no cover - numba is in requirements.txt; Pillow g
     njit = None
 
 PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images
-PARALLEL_PIXELS = 250_000  # transposes of at least this many pixels per thread are split
+TALL = 1.9  # photos this many times as high as wide, or more, are resized by Pillow (see
+SAME_SCALE = 1.1  # ``Resampler.horizontal_first``), as are sizes whose two factors differ more
+SLAB_BYTES = 256 * 1024  # source rows per slab of the horizontal pass: half a core's L2 cache
 
 
 @functools.lru_cache(maxsize=512)
@@ -102,53 +106,84 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def transposed(image: np.ndarray, workers: int = 1) -> np.ndarray:
-    """H×W×3 uint8 -> its W×H×3 transpose (C order), the horizontal pass's input; large images
-    are split by columns among ``workers`` native threads."""
-    src = _readonly(np.ascontiguousarray(image))
+def transposed(image: np.ndarray) -> np.ndarray:
+    """H×W×3 uint8 -> its W×H×3 transpose (C order)."""
     out = np.empty((image.shape[1], image.shape[0], 3), np.uint8)
-    parts = max(1, min(workers, image.shape[0] * image.shape[1] // PARALLEL_PIXELS))
-    bounds = np.linspace(0, image.shape[1], parts + 1).astype(int)
-    map_native(lambda k: _transpose(src, out, bounds[k], bounds[k + 1]), range(parts), parts)
+    _transpose(_readonly(np.ascontiguousarray(image)), out, 0, image.shape[1])
     return out
 
 
 class Resampler:
     """Makes Pillow-exact BILINEAR resizes of one H×W×3 uint8 RGB photo, at any number of sizes.
 
-    ``resize`` releases the GIL (numba ``nogil``), so several sizes can be made at once in
-    native threads; the transposed photo is made once, on first use.
+    The horizontal pass reads the photo transposed, in slabs of ``slab_rows`` source rows small
+    enough to stay in a core's L2 cache while every size's pass reads them (the passes are
+    bound by memory, not arithmetic). The slabs are made once, on first use. The work is spread
+    over native threads (numba releases the GIL): the slabs, then the sizes' vertical passes.
     """
 
     def __init__(self, image: np.ndarray):
         self.image = np.ascontiguousarray(image, dtype=np.uint8)
-        self._columns = None
+        height, width = self.image.shape[:2]
+        self.slab_rows = max(8, SLAB_BYTES // (3 * max(width, 1)))
+        self._slabs = None
 
     def resize(self, size: tuple) -> np.ndarray:
         """The photo resized to ``size`` (height, width) as ``PIL.Image.resize(BILINEAR)`` gives
         it: height × width × 3 uint8."""
+        return self.resize_many([size])[0]
+
+    def resize_many(self, sizes: list, workers: int = 1) -> list:
+        """``resize`` at each of ``sizes``, with ``workers`` native threads."""
+        if njit is None or not all(self.horizontal_first(size) for size in sizes):
+            pil = Image.fromarray(self.image)
+            return [np.asarray(pil.resize((width, height), Image.BILINEAR)) for height, width in sizes]
+        in_height, in_width = self.image.shape[:2]
+        wide = [k for k, (_, width) in enumerate(sizes) if width != in_width]
+        rows = {k: np.empty((in_height, sizes[k][1], 3), np.uint8) for k in wide}  # after the horizontal pass
+        slabs = self.slabs(workers)
+
+        def horizontal(slab: int):
+            top, columns = slabs[slab]
+            for k in wide:
+                width = sizes[k][1]
+                out = np.empty((width, columns.shape[1], 3), np.uint8)
+                _resample_rows(columns.reshape(in_width, -1), *pil_coefficients(in_width, width), out.reshape(width, -1))
+                _transpose(_readonly(out), rows[k][top:top + columns.shape[1]], 0, columns.shape[1])
+
+        def vertical(k: int) -> np.ndarray:
+            height, width = sizes[k]
+            src = rows.get(k, self.image)
+            if height == in_height:
+                return src.copy() if src is self.image else src
+            out = np.empty((height, width, 3), np.uint8)
+            _resample_rows(_readonly(src.reshape(in_height, -1)), *pil_coefficients(in_height, height),
+                           out.reshape(height, -1))
+            return out
+
+        if wide:
+            map_native(horizontal, range(len(slabs)), workers)
+        return map_native(vertical, range(len(sizes)), workers)
+
+    def horizontal_first(self, size: tuple) -> bool:
+        """Whether Pillow makes ``size`` (height, width) with its horizontal pass first, the only
+        order computed here. Pillow 13 picks the order by the sizes; measured (tests/
+        test_resample.py), it runs the horizontal pass first when the height does not shrink,
+        and when both sides shrink by about the same factor (within ``SAME_SCALE``) on a photo
+        less than ``TALL`` times as high as wide: every pyramid level and every face crop of
+        ordinary photos. Anything else goes to Pillow itself."""
         height, width = size
         in_height, in_width = self.image.shape[:2]
-        if njit is None:
-            return np.asarray(Image.fromarray(self.image).resize((width, height), Image.BILINEAR))
-        columns = self.columns()  # in_width × in_height × 3
-        if width != in_width:
-            first, count, weights = pil_coefficients(in_width, width)
-            columns_out = np.empty((width, in_height, 3), np.uint8)
-            _resample_rows(_readonly(columns.reshape(in_width, -1)), first, count, weights,
-                           columns_out.reshape(width, -1))
-            rows = transposed(columns_out)  # in_height × width × 3
-        else:
-            rows = self.image
-        if height == in_height:
-            return rows.copy() if rows is self.image else rows
-        first, count, weights = pil_coefficients(in_height, height)
-        out = np.empty((height, width, 3), np.uint8)
-        _resample_rows(_readonly(rows.reshape(in_height, -1)), first, count, weights, out.reshape(height, -1))
-        return out
+        if height >= in_height or width == in_width:
+            return True
+        ratio = (height / in_height) / (width / in_width)
+        return in_height < TALL * in_width and 1 / SAME_SCALE <= ratio <= SAME_SCALE
 
-    def columns(self, workers: int = 1) -> np.ndarray:
-        """The photo transposed (W×H×3), made once (by ``workers`` native threads)."""
-        if self._columns is None:
-            self._columns = transposed(self.image, workers)
-        return self._columns
+    def slabs(self, workers: int = 1) -> list:
+        """The photo transposed, by slabs of ``slab_rows`` rows: [(first row, W×rows×3 uint8)],
+        made once (by ``workers`` native threads)."""
+        if self._slabs is None:
+            tops = range(0, self.image.shape[0], self.slab_rows)
+            self._slabs = list(zip(tops, map_native(lambda top: _readonly(transposed(
+                self.image[top:top + self.slab_rows])), tops, workers)))
+        return self._slabs

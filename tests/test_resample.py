@@ -2,8 +2,10 @@
 
 MTCNN's boxes and landmarks depend on the pyramid levels to the grey level, so every size class
 is checked for equality with ``PIL.Image.resize(BILINEAR)``: shrinking by small and large
-factors, to one pixel, enlarging, one axis only, the same size, and every pyramid level of a
-shared photo.
+factors, to one pixel, enlarging, one axis only, the same size, every pyramid level of a shared
+photo and of photos of many shapes, and the face crops' sizes. Pillow 13 runs its vertical pass
+first for some sizes (tall photos); those must go to Pillow, and the sweeps below check that the
+sizes computed here are the ones where Pillow runs the horizontal pass first.
 """
 import io
 
@@ -62,10 +64,19 @@ def test_every_pyramid_level_of_a_photo_is_pillows():
         np.testing.assert_array_equal(resampler.resize(size), pillow(image, size), err_msg=str(size))
 
 
+def test_transposed():
+    image = random_image(70, 90, seed=5)
+    np.testing.assert_array_equal(transposed(image), image.transpose(1, 0, 2))
+
+
 @pytest.mark.parametrize("workers", [1, 3])
-def test_transposed(workers):
-    image = random_image(700, 900, seed=5)
-    np.testing.assert_array_equal(transposed(image, workers), image.transpose(1, 0, 2))
+def test_many_sizes_in_slabs_and_threads(workers):
+    image = random_image(700, 900, seed=6)
+    resampler = Resampler(image)
+    assert len(resampler.slabs()) > 3  # the horizontal pass runs slab by slab
+    sizes = [(420, 540), (700, 300), (357, 900), (21, 27), (700, 900), (5, 1200)]
+    for size, got in zip(sizes, resampler.resize_many(sizes, workers)):
+        np.testing.assert_array_equal(got, pillow(image, size), err_msg=str(size))
 
 
 def test_coefficients_sum_to_one_and_are_shared_read_only():
@@ -75,3 +86,38 @@ def test_coefficients_sum_to_one_and_are_shared_read_only():
     assert pil_coefficients(1000, 37)[2] is weights
     with pytest.raises(ValueError):
         weights[0, 0] = 1
+
+
+def test_pyramid_levels_of_many_photo_shapes_are_pillows():
+    rng = np.random.default_rng(7)
+    computed = 0
+    for _ in range(40):
+        width, height = int(rng.integers(24, 900)), int(rng.integers(24, 900))
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        resampler = Resampler(image)
+        sizes = [pyr.level_size(width, height, s) for s in pyr.pyramid_scales(width, height, 20.0, 0.85)]
+        computed += sum(resampler.horizontal_first(size) for size in sizes)
+        for size, got in zip(sizes, resampler.resize_many(sizes, workers=2)):
+            np.testing.assert_array_equal(got, pillow(image, size), err_msg=f"{width}x{height} -> {size}")
+    assert computed > 200  # most levels are computed here, not by Pillow
+
+
+def test_a_tall_photo_goes_to_pillow_and_still_matches():
+    image = random_image(900, 371, seed=8)
+    resampler = Resampler(image)
+    sizes = [pyr.level_size(371, 900, s) for s in pyr.pyramid_scales(371, 900, 20.0, 0.85)]
+    assert not any(resampler.horizontal_first(size) for size in sizes)
+    for size, got in zip(sizes, resampler.resize_many(sizes)):
+        np.testing.assert_array_equal(got, pillow(image, size))
+
+
+@pytest.mark.parametrize("out", [24, 48])
+def test_face_crop_sizes_are_pillows(out):
+    rng = np.random.default_rng(out)
+    for width in range(2, 160, 3):
+        for height in (width - 1, width, width + 1):
+            if height < 1:
+                continue
+            image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            np.testing.assert_array_equal(Resampler(image).resize((out, out)), pillow(image, (out, out)),
+                                          err_msg=f"{width}x{height}")
