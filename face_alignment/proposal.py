@@ -64,12 +64,16 @@ class PNetPass:
         self.head_weight = torch.cat([pnet.conv4_1.weight[1:2], pnet.conv4_2.weight])  # 5×32×1×1
         self.head_bias = torch.cat([pnet.conv4_1.bias[1:2], pnet.conv4_2.bias])
 
-    def __call__(self, level: torch.Tensor):
-        """1×3×h×w uint8 level -> (score h'×w' float32, offsets h'×w'×4 float32), h' = ``pnet_rows(h)``."""
-        return self.many([level])[0]
+    def __call__(self, level: torch.Tensor, threshold: float = None):
+        """1×3×h×w uint8 level -> (score h'×w' float32, offsets h'×w'×4 float32), h' = ``pnet_rows(h)``;
+        with a ``threshold``, the cells that pass it instead (see ``many``)."""
+        return self.many([level], threshold)[0]
 
-    def many(self, levels: list) -> list:
-        """P-Net over several 1×3×h×w uint8 levels (or bands): one (score, offsets) per level.
+    def many(self, levels: list, threshold: float = None) -> list:
+        """P-Net over several 1×3×h×w uint8 levels (or bands): one (score, offsets) per level,
+        or with a ``threshold`` one (rows, cols, scores, offsets N×4) tuple of tensors for the
+        cells whose score passes it, row-major; then only the face logit is computed everywhere
+        and the box offsets at those cells alone.
 
         Levels of up to ``STACKED_LEVEL_PIXELS`` are stacked into canvases of up to
         ``CANVAS_PIXELS`` and run together, which saves the per-call cost of the many small
@@ -81,49 +85,55 @@ class PNetPass:
         for i in sorted(range(len(levels)), key=lambda i: -levels[i].shape[3]):
             height, level_width = levels[i].shape[2:]
             if height * level_width > STACKED_LEVEL_PIXELS:
-                results[i] = self._in_strips(levels[i])
+                results[i] = self._in_strips(levels[i], threshold)
                 continue
             padded = height + height % 2, level_width + level_width % 2
             if stack and (rows + padded[0]) * width > CANVAS_PIXELS:
-                self._stacked([levels[k] for k in stack], stack, results)
+                self._stacked([levels[k] for k in stack], stack, results, threshold)
                 stack, rows = [], 0
             if not stack:
                 width = padded[1]
             stack.append(i)
             rows += padded[0]
         if stack:
-            self._stacked([levels[k] for k in stack], stack, results)
+            self._stacked([levels[k] for k in stack], stack, results, threshold)
         return results
 
-    def _in_strips(self, level: torch.Tensor):
+    def _in_strips(self, level: torch.Tensor, threshold):
         """One level in horizontal strips of at most ``STRIP_PIXELS``, overlapping by 10 rows."""
         height, width = level.shape[2:]
         out_rows = pnet_rows(height)
         step = max(1, STRIP_PIXELS // (2 * width))
-        scores, offsets = [], []
+        parts = []
         for start in range(0, out_rows, step):
             stop = min(out_rows, start + step)
             bottom = height if stop == out_rows else 2 * stop + 10
-            (score, offset), = self._run(*canvas([level[:, :, 2 * start:bottom]]))
-            scores.append(score)
-            offsets.append(offset)
-        return torch.cat(scores), torch.cat(offsets)
+            found, = self._run(*canvas([level[:, :, 2 * start:bottom]]), threshold)
+            parts.append(found if threshold is None else (found[0] + start, *found[1:]))
+        return tuple(torch.cat(part) for part in zip(*parts))
 
-    def _stacked(self, levels: list, indices: list, results: list):
-        for i, found in zip(indices, self._run(*canvas(levels))):
+    def _stacked(self, levels: list, indices: list, results: list, threshold):
+        for i, found in zip(indices, self._run(*canvas(levels), threshold)):
             results[i] = found
 
-    def _run(self, pixels: torch.Tensor, regions: list) -> list:
+    def _run(self, pixels: torch.Tensor, regions: list, threshold=None) -> list:
         """P-Net over a 1×3×H×W uint8 canvas holding levels at ``regions`` (top, height, width):
-        one (score, offsets) per region, as if each level had run alone."""
+        one result per region (see ``many``), as if each level had run alone."""
         x = self._pooled(pixels, regions)
         for weight, bias, slopes in self.rest:
             x = F.prelu(F.conv2d(x, weight, bias), slopes)
-        head = F.conv2d(x, self.head_weight, self.head_bias)[0]
+        if threshold is None:
+            head = F.conv2d(x, self.head_weight, self.head_bias)[0]
+            return [(torch.softmax(logits[0], dim=-1), logits[1:].permute(1, 2, 0))
+                    for logits in _regions(head, regions)]
+        face = F.conv2d(x, self.head_weight[:1], self.head_bias[:1])[0]
         found = []
-        for top, height, width in regions:
-            logits = head[:, top // 2:top // 2 + pnet_rows(height), :pnet_rows(width)]
-            found.append((torch.softmax(logits[0], dim=-1), logits[1:].permute(1, 2, 0)))
+        for (top, _, _), logits in zip(regions, _regions(face, regions)):
+            score = torch.softmax(logits[0], dim=-1)
+            rows, cols = torch.nonzero(score > threshold, as_tuple=True)
+            features = x[0, :, top // 2 + rows, cols].T  # cells × 32
+            offsets = F.linear(features, self.head_weight[1:, :, 0, 0], self.head_bias[1:])
+            found.append((rows, cols, score[rows, cols], offsets))
         return found
 
     def _pooled(self, pixels: torch.Tensor, regions: list) -> torch.Tensor:
@@ -140,6 +150,11 @@ class PNetPass:
                 y[:, 10:20, first:first + rows, cols - 1] = y[:, 0:10, first:first + rows, cols - 1]
                 y[:, 30:40, first:first + rows, cols - 1] = y[:, 20:30, first:first + rows, cols - 1]
         return torch.maximum(torch.maximum(y[:, 0:10], y[:, 10:20]), torch.maximum(y[:, 20:30], y[:, 30:40]))
+
+
+def _regions(head: torch.Tensor, regions: list) -> list:
+    """Each region's part of a C×H'×W' output map (its P-Net rows and columns)."""
+    return [head[:, top // 2:top // 2 + pnet_rows(height), :pnet_rows(width)] for top, height, width in regions]
 
 
 def canvas(levels: list):

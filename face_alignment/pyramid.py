@@ -70,11 +70,11 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
         for level, pixels in zip(batch, levels):
             tensor = torch.from_numpy(pixels).to(pnet.device).permute(2, 0, 1).unsqueeze(0)
             if pixels.shape[0] * pixels.shape[1] > STACKED_LEVEL_PIXELS:
-                found[level] = _cells(*pnet(tensor), threshold)
+                found[level] = _numpy(pnet(tensor, threshold))
             else:
                 small.append((level, tensor))
-    for (level, _), output in zip(small, pnet.many([tensor for _, tensor in small])):
-        found[level] = _cells(*output, threshold)
+    for (level, _), cells in zip(small, pnet.many([tensor for _, tensor in small], threshold)):
+        found[level] = _numpy(cells)
     return found
 
 
@@ -91,8 +91,6 @@ def _level_batches(sizes: list, photo_height: int) -> list:
     return batches
 
 
-def _cells(score: torch.Tensor, offsets: torch.Tensor, threshold: float) -> tuple:
-    """The cells of a P-Net map (score h×w, offsets h×w×4) whose score passes ``threshold``:
-    (rows, cols, scores, offsets N×4) as NumPy arrays, row-major."""
-    rows, cols = torch.nonzero(score > threshold, as_tuple=True)
-    return tuple(t.cpu().numpy() for t in (rows, cols, score[rows, cols], offsets[rows, cols]))
+def _numpy(cells: tuple) -> tuple:
+    """(rows, cols, scores, offsets) tensors as NumPy arrays."""
+    return tuple(t.cpu().numpy() for t in cells)

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - numba is in requirements.txt; Pillow g
 PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images
 TALL = 1.9  # photos this many times as high as wide, or more, are resized by Pillow (see
 SAME_SCALE = 1.1  # ``Resampler.horizontal_first``), as are sizes whose two factors differ more
-SLAB_BYTES = 256 * 1024  # source rows per slab of the horizontal pass: half a core's L2 cache
+SLAB_BYTES = 1 << 20  # source rows per slab of the horizontal pass (fewer, longer kernel calls)
 
 
 @functools.lru_cache(maxsize=512)

@@ -72,6 +72,22 @@ def test_pnet_pass_on_stacked_levels_matches_each_alone(nets):
             assert torch.allclose(offsets, want_offsets, atol=1e-5), (offsets - want_offsets).abs().max()
 
 
+@pytest.mark.parametrize("strip_pixels", [proposal.STRIP_PIXELS, 211 * 30])
+def test_pnet_pass_cells_over_a_threshold(nets, monkeypatch, strip_pixels):
+    monkeypatch.setattr(proposal, "STRIP_PIXELS", strip_pixels)  # one pass, or 15 rows a strip
+    levels = [torch.from_numpy(random_image(*size, seed=i)).permute(2, 0, 1).unsqueeze(0)
+              for i, size in enumerate([(301, 211), (37, 53), (13, 17)])]
+    fast = proposal.PNetPass(nets[0])
+    with torch.inference_mode():
+        for level, (rows, cols, scores, offsets) in zip(levels, fast.many(levels, threshold=0.1)):
+            want_score, want_offsets = plain_pnet(nets[0], level)
+            want_rows, want_cols = torch.nonzero(want_score > 0.1, as_tuple=True)
+            assert len(want_rows) > 0
+            assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+            assert torch.allclose(scores, want_score[want_rows, want_cols], atol=1e-5)
+            assert torch.allclose(offsets, want_offsets[want_rows, want_cols], atol=1e-5)
+
+
 def test_pnet_pass_in_strips_matches_one_pass(nets, monkeypatch):
     level = torch.from_numpy(random_image(301, 211, seed=1)).permute(2, 0, 1).unsqueeze(0)
     fast = proposal.PNetPass(nets[0])
