@@ -73,7 +73,7 @@ def test_transposed():
 def test_many_sizes_in_slabs_and_threads(workers):
     image = random_image(700, 900, seed=6)
     resampler = Resampler(image)
-    assert len(resampler.slabs()) > 3  # the horizontal pass runs slab by slab
+    assert len(resampler.slabs()) > 1  # the horizontal pass runs slab by slab
     sizes = [(420, 540), (700, 300), (357, 900), (21, 27), (700, 900), (5, 1200)]
     for size, got in zip(sizes, resampler.resize_many(sizes, workers)):
         np.testing.assert_array_equal(got, pillow(image, size), err_msg=str(size))
