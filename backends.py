@@ -54,6 +54,10 @@ class OnnxBackend:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No memory arena: it keeps the largest batch's activations (and rounds its growth up to
+        # powers of two) for the process's life; measured on IR-101 batch 8, 140 MB less resident
+        # memory after a run (68 MB less at the peak) and the same speed.
+        options.enable_cpu_mem_arena = False
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
