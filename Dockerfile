@@ -36,6 +36,9 @@ RUN if [ "$BAKE_WEIGHTS" = "huggingface" ]; then python tools/fetch_weights.py; 
     && mkdir -p /app/data && chown adaface:adaface /app/data /app/pretrained
 
 USER 10001
+# Compile MTCNN's resampling kernels now: numba caches the machine code beside the source (and
+# compiles again, once, on a CPU of another kind).
+RUN python -c "import numpy as np; from face_alignment.resample import Resampler; Resampler(np.zeros((8, 8, 3), np.uint8)).resize((4, 4))"
 ENV ADAFACE_BIND=0.0.0.0:30035
 EXPOSE 30035
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \

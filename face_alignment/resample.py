@@ -94,9 +94,18 @@ def _transpose(src, out, start, stop):
             out[b, a, 2] = src[a, b, 2]
 
 
+def _compiled(function):
+    """``function`` compiled by numba, without the GIL; the machine code is cached beside this
+    file (or in ``NUMBA_CACHE_DIR``), else, where no folder is writable, compiled in each process."""
+    try:
+        return njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # numba found no writable cache folder
+        return njit(nogil=True)(function)
+
+
 if njit is not None:
-    _resample_rows = njit(cache=True, nogil=True)(_resample_rows)
-    _transpose = njit(cache=True, nogil=True)(_transpose)
+    _resample_rows = _compiled(_resample_rows)
+    _transpose = _compiled(_transpose)
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
