@@ -4,6 +4,7 @@
 thread, sends all crops through the shared :class:`MicroBatcher`, and returns one entry per
 input: a list of :class:`AdaFaceFeature.Face` or the client error that input caused.
 """
+import ctypes
 import logging
 import os
 
@@ -89,6 +90,16 @@ class InferenceRunner:
         grey = np.full((160, 160, 3), 128, np.uint8)
         crop = np.full((112, 112, 3), 128, np.uint8)
         self._work([grey, crop], {"faces": "largest", "align_mode": "auto"})
+        _release_free_heap()
+
+
+def _release_free_heap() -> None:
+    """Hand the heap memory that loading freed (the ONNX export and its check, the kernels'
+    compilation) back to the system once: glibc keeps it otherwise. A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Result:
