@@ -125,10 +125,10 @@ def transposed(image: np.ndarray) -> np.ndarray:
 class Resampler:
     """Makes Pillow-exact BILINEAR resizes of one H×W×3 uint8 RGB photo, at any number of sizes.
 
-    The horizontal pass reads the photo transposed, in slabs of ``slab_rows`` source rows small
-    enough to stay in a core's L2 cache while every size's pass reads them (the passes are
-    bound by memory, not arithmetic). The slabs are made once, on first use. The work is spread
-    over native threads (numba releases the GIL): the slabs, then the sizes' vertical passes.
+    The horizontal pass reads the photo transposed, in slabs of ``slab_rows`` source rows (about
+    ``SLAB_BYTES`` each), made once, on first use; each slab goes through every size's
+    horizontal pass at once. The work is spread over native threads (numba releases the GIL):
+    the slabs, then the sizes' vertical passes.
     """
 
     def __init__(self, image: np.ndarray):
