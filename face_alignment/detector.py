@@ -7,6 +7,7 @@ zero-padded PIL-resized crops for R-Net and O-Net, and O-Net landmark decoding, 
 landmarks match the reference's to a fraction of a pixel. How the PIL resizes are made quickly,
 to the bit, is told in ``resample.py``; how P-Net runs on the levels, in ``proposal.py``.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,12 +17,13 @@ import torch
 from serving.native import map_native
 
 from . import boxes as bx
+from . import openmp
 from . import pyramid as pyr
 from .nets import load_nets
 from .pyramid import pyramid_scales
 from .resample import Resampler
 
-CROPS_PER_THREAD = 2  # a face-sized crop takes about 0.3 ms; a thread starts in 0.1 ms
+CROP_PIXELS_PER_THREAD = 500_000  # boxes' source pixels worth another thread (a thread costs ~0.3 ms)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ def crop_boxes(image: np.ndarray, boxes: np.ndarray, size: int, workers: int = 1
     """Cut each box out of the H×W×3 uint8 RGB image, zero-padded where it leaves the image, and
     resize it to size×size with PIL BILINEAR, as the reference does (``PIL.Image.crop`` then
     ``resize``; the resize is ``resample.Resampler``'s, Pillow's to the bit); returns
-    N×size×size×3 uint8. The boxes are shared among ``workers`` native threads."""
+    N×size×size×3 uint8. The boxes are shared among up to ``workers`` native threads, one per
+    ``CROP_PIXELS_PER_THREAD`` pixels of the boxes."""
     out = np.zeros((len(boxes), size, size, 3), np.uint8)
     corners = boxes[:, 0:4].astype(np.int64).tolist()
 
@@ -75,7 +78,8 @@ def crop_boxes(image: np.ndarray, boxes: np.ndarray, size: int, workers: int = 1
             if x2 >= x1 and y2 >= y1:
                 out[i] = Resampler(_crop(image, x1, y1, x2 + 1, y2 + 1)).resize((size, size))
 
-    chunks = max(1, min(workers, len(boxes) // CROPS_PER_THREAD))
+    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    chunks = max(1, min(workers, len(boxes), int(areas.sum()) // CROP_PIXELS_PER_THREAD))
     map_native(cut, [range(k, len(boxes), chunks) for k in range(chunks)], chunks)
     return out
 
@@ -106,34 +110,42 @@ class MTCNN:
     def detect(self, image: np.ndarray, params: Optional[DetectorParams] = None) -> Detections:
         """Find faces in an H×W×3 uint8 RGB image; no face gives empty ``Detections``.
 
-        ``params`` overrides the detector's own parameters for this call.
+        ``params`` overrides the detector's own parameters for this call. The work is spread
+        over ``torch.get_num_threads()`` native threads. On the CPU, each runs torch on one
+        OpenMP thread (``openmp.one_thread``), the calling thread too: a team of two would
+        spin on the second core after each op, in the way of the second native thread.
         """
-        p = params or self.params
+        workers = torch.get_num_threads()
+        single = self.device.type == "cpu" and workers > 1 and openmp.available()
+        with openmp.one_thread() if single else contextlib.nullcontext():
+            return self._detect(image, params or self.params, workers)
+
+    def _detect(self, image: np.ndarray, p: DetectorParams, workers: int) -> Detections:
         photo = pyr.Photo(image)
         scale_x = scale_y = 1.0
         if p.max_side and max(photo.height, photo.width) > p.max_side:
-            photo, scale_x, scale_y = self._shrink(photo, p.max_side)
-        found = self._stage_three(photo, self._stage_two(photo, self._stage_one(photo, p), p), p)
+            photo, scale_x, scale_y = self._shrink(photo, p.max_side, workers)
+        boxes = self._stage_two(photo, self._stage_one(photo, p, workers), p, workers)
+        found = self._stage_three(photo, boxes, p, workers)
         if scale_x != 1.0 or scale_y != 1.0:
             found.boxes *= np.array([scale_x, scale_y, scale_x, scale_y])
             found.landmarks *= np.array([scale_x, scale_y], np.float32)
         return found
 
     @staticmethod
-    def _shrink(photo: pyr.Photo, max_side: int):
+    def _shrink(photo: pyr.Photo, max_side: int, workers: int):
         """The photo shrunk to ``max_side`` on its longer side (PIL's BILINEAR, antialiased), and
         the x and y factors from its pixels back to the original's."""
         ratio = max_side / max(photo.height, photo.width)
         size = (max(1, round(photo.height * ratio)), max(1, round(photo.width * ratio)))
-        small = pyr.Photo(photo.resampler.resize_many([size], torch.get_num_threads())[0])
+        small = pyr.Photo(photo.resampler.resize_many([size], workers)[0])
         return small, photo.width / size[1], photo.height / size[0]
 
-    def _stage_one(self, photo: pyr.Photo, p: DetectorParams) -> np.ndarray:
+    def _stage_one(self, photo: pyr.Photo, p: DetectorParams, workers: int) -> np.ndarray:
         """P-Net over the pyramid -> squared candidate boxes N×5."""
         scales = pyramid_scales(photo.width, photo.height, p.min_face_size, p.factor)
         candidates = []
-        for scale, cells in zip(scales, pyr.scan_pyramid(photo, self._pnet_pass, scales, p.thresholds[0],
-                                                         torch.get_num_threads())):
+        for scale, cells in zip(scales, pyr.scan_pyramid(photo, self._pnet_pass, scales, p.thresholds[0], workers)):
             found = bx.cell_boxes(*cells, scale)
             if len(found):
                 candidates.append(found[bx.nms(found[:, 0:5], 0.5)])
@@ -143,11 +155,11 @@ class MTCNN:
         found = found[bx.nms(found[:, 0:5], p.nms_thresholds[0])]
         return bx.square(bx.calibrate(found[:, 0:5], found[:, 5:9]))
 
-    def _stage_two(self, photo: pyr.Photo, boxes: np.ndarray, p: DetectorParams) -> np.ndarray:
+    def _stage_two(self, photo: pyr.Photo, boxes: np.ndarray, p: DetectorParams, workers: int) -> np.ndarray:
         """R-Net on 24×24 crops -> refined squared boxes N×5."""
         if len(boxes) == 0:
             return boxes
-        crops = crop_boxes(photo.image, boxes, 24, torch.get_num_threads())
+        crops = crop_boxes(photo.image, boxes, 24, workers)
         bx.clip(boxes, photo.width, photo.height)
         offsets, prob = self.rnet(_to_tensor(crops, self.device))
         offsets, prob = offsets.cpu().numpy(), prob.cpu().numpy()
@@ -157,11 +169,11 @@ class MTCNN:
         keep = bx.nms(boxes, p.nms_thresholds[1])
         return bx.square(bx.calibrate(boxes[keep], offsets[keep]))
 
-    def _stage_three(self, photo: pyr.Photo, boxes: np.ndarray, p: DetectorParams) -> Detections:
+    def _stage_three(self, photo: pyr.Photo, boxes: np.ndarray, p: DetectorParams, workers: int) -> Detections:
         """O-Net on 48×48 crops -> final boxes, scores and landmarks."""
         if len(boxes) == 0:
             return Detections.empty()
-        crops = crop_boxes(photo.image, boxes, 48, torch.get_num_threads())
+        crops = crop_boxes(photo.image, boxes, 48, workers)
         bx.clip(boxes, photo.width, photo.height)
         marks, offsets, prob = self.onet(_to_tensor(crops, self.device))
         marks, offsets, prob = marks.cpu().numpy(), offsets.cpu().numpy(), prob.cpu().numpy()

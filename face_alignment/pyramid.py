@@ -61,21 +61,26 @@ def scan_pyramid(photo: Photo, pnet: PNetPass, scales: list, threshold: float, w
 
     The levels are made with ``workers`` native threads, in batches bounded by
     ``LEVEL_BATCH_PIXELS`` (so a huge photo's pyramid is never all in memory at once), and go to
-    P-Net's device; the levels of up to ``STACKED_LEVEL_PIXELS`` run together at the end.
+    P-Net's device; P-Net runs on each batch's large levels with as many threads, and on the
+    levels of up to ``STACKED_LEVEL_PIXELS`` together, with the last batch.
     """
     sizes = [level_size(photo.width, photo.height, scale) for scale in scales]
     found, small = [None] * len(scales), []
-    for batch in _level_batches(sizes, photo.height):
+    batches = _level_batches(sizes, photo.height)
+    for batch in batches:
         levels = photo.resampler.resize_many([sizes[level] for level in batch], workers)
+        large = []
         for level, pixels in zip(batch, levels):
             tensor = torch.from_numpy(pixels).to(pnet.device).permute(2, 0, 1).unsqueeze(0)
-            if pixels.shape[0] * pixels.shape[1] > STACKED_LEVEL_PIXELS:
-                found[level] = _numpy(pnet(tensor, threshold))
-            else:
-                small.append((level, tensor))
-    for (level, _), cells in zip(small, pnet.many([tensor for _, tensor in small], threshold)):
-        found[level] = _numpy(cells)
+            (large if pixels.shape[0] * pixels.shape[1] > STACKED_LEVEL_PIXELS else small).append((level, tensor))
+        _scan(pnet, large + small if batch is batches[-1] else large, threshold, workers, found)
     return found
+
+
+def _scan(pnet: PNetPass, levels: list, threshold: float, workers: int, found: list) -> None:
+    """P-Net over [(level index, tensor)], each level's cells as NumPy into ``found``."""
+    for (level, _), cells in zip(levels, pnet.many([tensor for _, tensor in levels], threshold, workers)):
+        found[level] = tuple(t.cpu().numpy() for t in cells)
 
 
 def _level_batches(sizes: list, photo_height: int) -> list:
@@ -90,7 +95,3 @@ def _level_batches(sizes: list, photo_height: int) -> list:
         total += photo_height * width
     return batches
 
-
-def _numpy(cells: tuple) -> tuple:
-    """(rows, cols, scores, offsets) tensors as NumPy arrays."""
-    return tuple(t.cpu().numpy() for t in cells)

@@ -20,6 +20,7 @@ everything when numba is missing, comes from Pillow itself, slower and the same.
 import functools
 import math
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -84,16 +85,6 @@ def _resample_rows(src, first, count, weights, out):
             out[j, k] = 0 if value < 0 else (255 if value > 255 else value)
 
 
-def _transpose(src, out, start, stop):
-    """Columns ``start:stop`` of A×B×3 uint8 ``src`` into rows ``start:stop`` of its B×A×3
-    transpose ``out`` (written in order, read across)."""
-    for b in range(start, stop):
-        for a in range(src.shape[0]):
-            out[b, a, 0] = src[a, b, 0]
-            out[b, a, 1] = src[a, b, 1]
-            out[b, a, 2] = src[a, b, 2]
-
-
 def _compiled(function):
     """``function`` compiled by numba, without the GIL; the machine code is cached beside this
     file (or in ``NUMBA_CACHE_DIR``), else, where no folder is writable, compiled in each process."""
@@ -105,7 +96,6 @@ def _compiled(function):
 
 if njit is not None:
     _resample_rows = _compiled(_resample_rows)
-    _transpose = _compiled(_transpose)
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -115,10 +105,14 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return view
 
 
-def transposed(image: np.ndarray) -> np.ndarray:
-    """H×W×3 uint8 -> its W×H×3 transpose (C order)."""
-    out = np.empty((image.shape[1], image.shape[0], 3), np.uint8)
-    _transpose(_readonly(np.ascontiguousarray(image)), out, 0, image.shape[1])
+def transposed(image: np.ndarray, out: np.ndarray = None) -> np.ndarray:
+    """H×W×3 uint8 -> its W×H×3 transpose (C order), written into ``out`` when given (a C-order
+    W×H×3 uint8 array). OpenCV's tiled transpose, several times faster than a plain loop."""
+    if out is None:
+        out = np.empty((image.shape[1], image.shape[0], 3), np.uint8)
+    written = cv2.transpose(np.ascontiguousarray(image), dst=out)
+    if written is not out:  # OpenCV allocates a new array when ``out`` does not fit
+        raise ValueError(f"cannot transpose {image.shape} into {out.shape} {out.dtype}")
     return out
 
 
@@ -158,7 +152,7 @@ class Resampler:
                 width = sizes[k][1]
                 out = np.empty((width, columns.shape[1], 3), np.uint8)
                 _resample_rows(columns.reshape(in_width, -1), *pil_coefficients(in_width, width), out.reshape(width, -1))
-                _transpose(_readonly(out), rows[k][top:top + columns.shape[1]], 0, columns.shape[1])
+                transposed(out, rows[k][top:top + columns.shape[1]])
 
         def vertical(k: int) -> np.ndarray:
             height, width = sizes[k]

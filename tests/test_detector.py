@@ -5,6 +5,9 @@
   even and odd level sizes;
 - ``pyramid.scan_pyramid`` (levels made in threads, big ones in strips, small ones stacked)
   against P-Net on every level made by Pillow;
+- ``PNetPass.many`` with its pieces in parallel threads against one thread, and
+  ``openmp.one_thread`` (one OpenMP thread for the calling thread alone), and ``MTCNN.detect``
+  leaving the caller's torch thread count as it was;
 - ``detector.crop_boxes`` against PIL's crop and resize, and with several threads;
 - ``serving.native.map_native``.
 
@@ -20,8 +23,8 @@ import torch
 from PIL import Image
 
 from conftest import photo
+from face_alignment import MTCNN, openmp, proposal
 from face_alignment import pyramid as pyr
-from face_alignment import proposal
 from face_alignment.detector import crop_boxes
 from face_alignment.nets import load_nets
 from serving.native import map_native
@@ -98,6 +101,61 @@ def test_pnet_pass_in_strips_matches_one_pass(nets, monkeypatch):
     assert strips[0].shape == whole[0].shape
     assert torch.allclose(strips[0], whole[0], atol=1e-6)
     assert torch.allclose(strips[1], whole[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.1])
+def test_pnet_pass_in_threads_matches_one_thread(nets, monkeypatch, threshold):
+    monkeypatch.setattr(proposal, "STRIP_PIXELS", 211 * 30)  # 15 rows a strip: many pieces
+    levels = [torch.from_numpy(random_image(*size, seed=i)).permute(2, 0, 1).unsqueeze(0)
+              for i, size in enumerate([(301, 211), (180, 240), (37, 53), (13, 17), (60, 90)])]
+    fast = proposal.PNetPass(nets[0])
+    assert len(fast.pieces(levels)) > 10
+    with torch.inference_mode():
+        alone, threaded = fast.many(levels, threshold), fast.many(levels, threshold, workers=2)
+    for one, two in zip(alone, threaded):
+        if threshold is not None:
+            assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])  # the same cells
+            one, two = one[2:], two[2:]
+        for a, b in zip(one, two):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+@pytest.mark.skipif(not openmp.available(), reason="no OpenMP runtime found beside torch")
+def test_one_openmp_thread_is_the_calling_threads_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = {}
+
+    def fresh_thread():  # torch sets a new thread's count up on its first op: after ours
+        with openmp.one_thread():
+            torch.ones(64, 64) @ torch.ones(64, 64)
+            seen["inside"] = torch.get_num_threads()
+            time.sleep(0.2)
+        seen["after"] = torch.get_num_threads()
+
+    try:
+        worker = threading.Thread(target=fresh_thread)
+        worker.start()
+        time.sleep(0.1)
+        seen["caller meanwhile"] = torch.get_num_threads()
+        worker.join()
+        with openmp.one_thread():
+            seen["caller inside"] = torch.get_num_threads()
+        seen["caller after"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"inside": 1, "after": 2, "caller meanwhile": 2, "caller inside": 1, "caller after": 2}
+
+
+def test_detect_leaves_the_callers_thread_count(nets):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        detector = MTCNN()
+        found = detector.detect(np.asarray(Image.open(io.BytesIO(photo("img1.jpeg"))).convert("RGB")))
+        assert len(found) >= 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_scan_pyramid_finds_the_cells_of_the_exact_levels(nets):

@@ -67,6 +67,12 @@ def test_every_pyramid_level_of_a_photo_is_pillows():
 def test_transposed():
     image = random_image(70, 90, seed=5)
     np.testing.assert_array_equal(transposed(image), image.transpose(1, 0, 2))
+    rows = np.zeros((100, 70, 3), np.uint8)
+    assert transposed(image, rows[5:95]) is not None  # into rows of a larger array, in place
+    np.testing.assert_array_equal(rows[5:95], image.transpose(1, 0, 2))
+    assert not rows[:5].any() and not rows[95:].any()
+    with pytest.raises(ValueError):
+        transposed(image, np.zeros((90, 71, 3), np.uint8))  # OpenCV would write a new array
 
 
 @pytest.mark.parametrize("workers", [1, 3])
