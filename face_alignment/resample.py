@@ -70,16 +70,26 @@ def _resample_rows(src, first, count, weights, out):
     """One Pillow pass along the first axis: ``out[j] = clip8((2**21 + Σ_t weights[j, t] ·
     src[first[j] + t]) >> 22)`` for N×M uint8 ``src`` into J×M uint8 ``out``.
 
-    The sums fit in 32 bits (the weights of a row sum to 2**22, the pixels are below 2**8)."""
+    The sums are exact in 32 bits whatever their order (the weights are positive and those of a
+    row sum to 2**22, the pixels are below 2**8), so four rows are added at a time: a quarter of
+    the loads and stores of the running sums."""
     width = src.shape[1]
     acc = np.empty(width, np.int32)
     for j in range(first.shape[0]):
         acc[:] = 1 << (PRECISION_BITS - 1)
-        for t in range(count[j]):
-            weight = weights[j, t]
-            row = src[first[j] + t]
+        start, taps, t = first[j], count[j], 0
+        while t + 4 <= taps:
+            w0, w1, w2, w3 = weights[j, t], weights[j, t + 1], weights[j, t + 2], weights[j, t + 3]
+            r0, r1, r2, r3 = src[start + t], src[start + t + 1], src[start + t + 2], src[start + t + 3]
             for k in range(width):
-                acc[k] += np.int32(weight * np.int32(row[k]))
+                pair = w0 * np.int32(r0[k]) + w1 * np.int32(r1[k])
+                acc[k] += pair + (w2 * np.int32(r2[k]) + w3 * np.int32(r3[k]))
+            t += 4
+        while t < taps:
+            weight, row = weights[j, t], src[start + t]
+            for k in range(width):
+                acc[k] += weight * np.int32(row[k])
+            t += 1
         for k in range(width):
             value = acc[k] >> PRECISION_BITS
             out[j, k] = 0 if value < 0 else (255 if value > 255 else value)
