@@ -41,6 +41,7 @@ class Settings:
     max_faces: int = 20                     # cap on faces per image with faces=all
     min_face_size: float = 20.0             # smallest face MTCNN looks for, in pixels
     detect_max_side: int = 0                # detect on a copy shrunk to this side; 0: full resolution
+    max_detect: int = 0                     # images decoded and detected at once per worker; 0: cores / threads
     # limits
     max_pixels: int = 89_478_485            # decoded image size limit (Pillow's default)
     max_body_bytes: int = 32 * 1024 * 1024  # request body limit
@@ -49,6 +50,9 @@ class Settings:
     max_batch: int = 0                      # faces per forward; 0: 8 on CPU, 32 on CUDA
     max_wait_ms: float = 2.0                # how long a forward waits for more faces
     max_queue: int = 64                     # faces waiting for a forward before 503
+    # memory (serving/memory.py)
+    malloc_arenas: int = 2                  # glibc heaps per worker process; 0: glibc's default (8 per core)
+    onednn_cache: int = 256                 # compiled oneDNN primitives kept; 0: oneDNN's default (1024)
     # API
     verify_threshold: float = 0.35          # cosine similarity at or above which /v1/verify says same person
     # galleries (1:N identification; docs/galleries.md)

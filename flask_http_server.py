@@ -27,7 +27,7 @@ from flask import Flask, Response, g, request
 import net
 from AdaFaceFeature import EMBEDDING_SIZE, AdaFaceFeature, NoFaceError
 from config import Settings, SettingsError
-from serving import errors, gallery_routes, openapi, payload
+from serving import errors, gallery_routes, memory, openapi, payload
 from serving.auth import ApiKeyAuth
 from serving.errors import ApiError, error_response, json_response
 from serving.metrics import Metrics
@@ -90,6 +90,8 @@ def create_app(config: Settings | dict | None = None, extractor: AdaFaceFeature 
     """Build the app: ``config`` is a :class:`Settings`, a dict of overrides of the environment's
     settings, or None (the environment alone). ``extractor`` reuses an already-loaded model."""
     settings = _settings_from(config)
+    memory.limit_arenas(settings.malloc_arenas)
+    memory.set_onednn_cache(settings.onednn_cache)  # before the model's first convolution
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     extractor = extractor or AdaFaceFeature.from_settings(settings)

@@ -12,6 +12,8 @@ Per run:
    ``/livez`` every 100 ms; reports throughput, p50/p99 latency, errors, /livez p99, and the peak
    RSS of all server processes (sampled every 0.25 s);
 4. with ``--soak N``: N more requests from 8 clients, RSS after the first 10% vs at the end.
+With ``--photos DIR`` the bodies are the photos in DIR instead (MTCNN detection in every
+request; the ratios to the raw model then say little, the latencies, /livez and RSS still do).
 Everything stays on loopback and stops by itself.
 """
 import argparse
@@ -37,8 +39,14 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ADAFACE_TEST_DATA", REPO.parent / "shared"))
 
 
-def bodies() -> list:
-    """Base64 bodies of aligned 112×112 JPEGs: the shared crops, or generated ones without them."""
+def bodies(photos=None) -> list:
+    """Base64 bodies of the JPEGs in ``photos``, or else of aligned 112×112 JPEGs: the shared
+    crops, or generated ones without them."""
+    if photos:
+        files = sorted(Path(photos).glob("*.jp*g"))
+        if not files:
+            raise SystemExit(f"no JPEG photos in {photos}")
+        return [base64.b64encode(f.read_bytes()) for f in files]
     files = sorted((SHARED / "facedata" / "aligned").glob("*.jpg"))
     if files:
         return [base64.b64encode(f.read_bytes()) for f in files]
@@ -100,9 +108,9 @@ def _prober(port, stop, out):
         time.sleep(0.1)
 
 
-def drive(port, clients, seconds, limit, result_queue):
+def drive(port, clients, seconds, limit, result_queue, photos=None):
     """Process entry: ``clients`` threads post for ``seconds`` (or ``limit`` requests in all)."""
-    payloads = bodies()
+    payloads = bodies(photos)
     deadline = time.monotonic() + seconds
     samples, probes, counter, lock = [], [], [0], threading.Lock()
     stop = threading.Event()
@@ -194,10 +202,10 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def run_load(server, clients, seconds, limit=0):
+def run_load(server, clients, seconds, limit=0, photos=None):
     """Drive the server from a separate process; sample RSS meanwhile. Returns a summary dict."""
     queue = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=drive, args=(server.port, clients, seconds, limit, queue))
+    proc = mp.get_context("spawn").Process(target=drive, args=(server.port, clients, seconds, limit, queue, photos))
     proc.start()
     peak, rss_series = 0.0, []
     result = None
@@ -241,6 +249,7 @@ def main(argv=None) -> int:
     parser.add_argument("--soak", type=int, default=0, help="then N requests from 8 clients, RSS before/after")
     parser.add_argument("--raw-seconds", type=float, default=8)
     parser.add_argument("--skip-raw", action="store_true")
+    parser.add_argument("--photos", help="send the JPEG photos in this folder instead of aligned crops")
     args = parser.parse_args(argv)
 
     print(f"machine: {os.cpu_count()} cores; arch {args.arch}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
@@ -258,7 +267,7 @@ def main(argv=None) -> int:
         print(f"server: backend {info['backend']}, {info['threads']} threads, workers {args.workers}, "
               f"max_batch {info['batching']['max_batch']}", flush=True)
         for clients in (int(c) for c in args.clients.split(",")):
-            s = run_load(server, clients, args.seconds)
+            s = run_load(server, clients, args.seconds, photos=args.photos)
             line = (f"{clients} clients: {s['throughput']:.2f} emb/s, p50 {s['p50']:.2f} s, p99 {s['p99']:.2f} s, "
                     f"errors {s['errors']}/{s['requests']}, /livez p99 {s['livez_p99_ms']:.0f} ms "
                     f"(max {s['livez_max_ms']:.0f}), peak RSS {s['peak_rss_mb']:.0f} MB")
@@ -270,7 +279,7 @@ def main(argv=None) -> int:
                     line += f"; p50 / raw batch-1 forward = {s['p50'] / (served[0]['ms_per_forward'] / 1000):.2f}"
             print(line, flush=True)
         if args.soak:
-            s = run_load(server, 8, 10 ** 6, limit=args.soak)
+            s = run_load(server, 8, 10 ** 6, limit=args.soak, photos=args.photos)
             series = s["rss_series"]
             start = series[max(0, len(series) // 10)]
             print(f"soak {s['requests']} requests (8 clients): errors {s['errors']}, RSS {start:.0f} MB after 10% "

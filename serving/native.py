@@ -5,6 +5,8 @@ the event loop and block every other request (and ``/livez``). Inference therefo
 real threads built from the original ``_thread`` primitives; a request greenlet waits for it
 through gevent's thread pool, which yields to the loop while the native thread works.
 """
+import contextlib
+import itertools
 import os
 
 try:
@@ -94,3 +96,25 @@ def _run_then_release(fn, lock):
         fn()
     finally:
         lock.release()
+
+
+class NativeSlots:
+    """At most ``count`` holders at once (``with slots.held(): ...``), for native threads: built
+    on the original ``_thread`` locks, so a waiting thread blocks itself, never the gevent hub.
+    A free slot is taken at once; when none is, the waiters queue on the slots in turn."""
+
+    def __init__(self, count: int):
+        self.count = max(1, count)
+        self._locks = [allocate_lock() for _ in range(self.count)]
+        self._turn = itertools.count()
+
+    @contextlib.contextmanager
+    def held(self):
+        lock = next((lock for lock in self._locks if lock.acquire(False)), None)
+        if lock is None:
+            lock = self._locks[next(self._turn) % self.count]
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()

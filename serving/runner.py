@@ -4,15 +4,16 @@
 thread, sends all crops through the shared :class:`MicroBatcher`, and returns one entry per
 input: a list of :class:`AdaFaceFeature.Face` or the client error that input caused.
 """
-import ctypes
 import logging
 import os
 
 import numpy as np
+import torch
 
 from .batcher import MicroBatcher
 from .errors import ApiError, client_error
-from .native import Offloader, allocate_lock
+from .memory import release_free_heap
+from .native import NativeSlots, Offloader, allocate_lock
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ class InferenceRunner:
         self.batcher = MicroBatcher(extractor.embed_crops, self.max_batch, settings.max_wait_ms,
                                     observe=metrics.observe_batch if metrics else None)
         self.offloader = Offloader(size=max(2, min(8, (os.cpu_count() or 2) * 2)))
+        # decoding and detection use torch.get_num_threads() cores each: more at once would only
+        # hold more photos and pyramids in memory
+        per_image = max(1, torch.get_num_threads())
+        self.prepare_slots = NativeSlots(settings.max_detect or max(1, (os.cpu_count() or 1) // per_image))
         self._inflight = 0
         self._lock = allocate_lock()
 
@@ -63,7 +68,8 @@ class InferenceRunner:
         prepared = []
         for item in inputs:
             try:
-                prepared.append(self.extractor.prepare(item, **options))
+                with self.prepare_slots.held():
+                    prepared.append(self.extractor.prepare(item, **options))
             except Exception as exc:  # a client error for this input only; bugs re-raised
                 if client_error(exc) is None:
                     raise
@@ -90,16 +96,7 @@ class InferenceRunner:
         grey = np.full((160, 160, 3), 128, np.uint8)
         crop = np.full((112, 112, 3), 128, np.uint8)
         self._work([grey, crop], {"faces": "largest", "align_mode": "auto"})
-        _release_free_heap()
-
-
-def _release_free_heap() -> None:
-    """Hand the heap memory that loading freed (the ONNX export and its check, the kernels'
-    compilation) back to the system once: glibc keeps it otherwise. A no-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        release_free_heap()
 
 
 class _Result:

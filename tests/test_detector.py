@@ -9,7 +9,7 @@
   ``openmp.one_thread`` (one OpenMP thread for the calling thread alone), and ``MTCNN.detect``
   leaving the caller's torch thread count as it was;
 - ``detector.crop_boxes`` against PIL's crop and resize, and with several threads;
-- ``serving.native.map_native``.
+- ``serving.native.map_native`` and ``NativeSlots``.
 
 ``resample.Resampler`` itself is checked against Pillow in ``test_resample.py``.
 """
@@ -27,7 +27,7 @@ from face_alignment import MTCNN, openmp, proposal
 from face_alignment import pyramid as pyr
 from face_alignment.detector import crop_boxes
 from face_alignment.nets import load_nets
-from serving.native import map_native
+from serving.native import NativeSlots, map_native
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +224,23 @@ def test_map_native_raises_the_first_error_after_all_finish():
     with pytest.raises(ValueError, match="bad item"):
         map_native(work, range(6), workers=2)
     assert sorted(done) == [0, 1, 2, 4, 5]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_native_slots_admit_at_most_their_count(count):
+    slots = NativeSlots(count)
+    inside, most, guard = [0], [0], threading.Lock()
+
+    def work(_):
+        with slots.held():
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            with guard:
+                inside[0] -= 1
+
+    map_native(work, range(8), workers=4)
+    assert most[0] == count and inside[0] == 0
+    with slots.held():  # every slot was given back
+        pass
