@@ -23,6 +23,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -200,6 +201,8 @@ class Server:
             self.proc.wait(timeout=30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # the metrics files and the server's log
 
 
 def run_load(server, clients, seconds, limit=0, photos=None):
