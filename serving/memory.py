@@ -1,12 +1,12 @@
 """Process-wide memory settings for a worker: how glibc and oneDNN keep memory around.
 
 Measured with full photos (``bench/service.py --photos``, 8 clients): a worker's resident memory
-grew from 0.8 GB to 2.1 GB and kept growing, for three reasons.
+grew from 0.8 GB to 2.4 GB and kept growing, for three reasons.
 
 - glibc gives each thread that allocates its own heap ("arena"), up to 8 per core, and keeps
   what is freed in each. The detector's work (a 12-megapixel photo's pyramid takes a few hundred
-  MB for a moment) lands in a different arena almost every time. ``limit_arenas(2)`` held the
-  same run at 1.4 GB, flat within 5%, at the same speed.
+  MB for a moment) lands in a different arena almost every time. ``limit_arenas(2)``, with the
+  two below, held the same run at 1.3 to 1.5 GB, at the same speed.
 - oneDNN keeps 1,024 compiled convolutions by default, each a few hundred kB: P-Net compiles
   about 50 per photo size. ``set_onednn_cache`` must run before the first convolution.
 - freed heap that loading leaves behind: ``release_free_heap`` after the warm-up.
