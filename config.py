@@ -1,16 +1,25 @@
 """Every setting of the service, in one place.
 
 Each field is read from an ``ADAFACE_<NAME>`` environment variable (the field name in upper
-case), with the default given here; the README's settings table lists them all. Tests and
-embedding applications build a :class:`Settings` directly or with :meth:`Settings.from_env`
-and ``overrides``.
+case), with the default given here (vocabularies, bounds and library defaults come from
+:mod:`adaface.options`); the README's settings table lists them all. Tests and embedding
+applications build a :class:`Settings` directly or with :meth:`Settings.from_env` and
+``overrides``. A value outside its vocabulary or bounds, or a variable whose name is a near miss
+of a setting's (``ADAFACE_MAX_BACH``), is a :class:`SettingsError` at start.
+
+Only the entry points (``flask_http_server.py``, ``AdaFaceFeature.py``, ``gunicorn.conf.py``)
+import this module; they hand the settings down to the layers below.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from adaface import options as opt
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = "pretrained/adaface_ir101_webface12m.ckpt"
@@ -31,19 +40,19 @@ class Settings:
     # model
     weights: str = DEFAULT_WEIGHTS          # checkpoint file or folder, or "synthetic"
     arch: str = ""                          # ir_18 | ir_34 | ir_50 | ir_101; empty: from the weights
-    device: str = "auto"                    # auto | cpu | cuda | cuda:N
+    device: str = opt.DEFAULT_DEVICE        # auto | cpu | cuda | cuda:N
     threads: int = 0                        # torch intra-op threads per worker; 0: cores / workers
-    backend: str = "auto"                   # auto | torch | onnx (auto: ONNX Runtime on CPU, torch on CUDA)
+    backend: str = opt.DEFAULT_BACKEND      # auto | torch | onnx (auto: ONNX Runtime on CPU, torch on CUDA)
     cache_dir: str = "data/cache"           # exported ONNX graphs when the weights' folder is read-only
     # detection and alignment
-    align: str = "auto"                     # auto | always | never
-    faces: str = "largest"                  # largest | score | all
-    max_faces: int = 20                     # cap on faces per image with faces=all
-    min_face_size: float = 20.0             # smallest face MTCNN looks for, in pixels
+    align: str = opt.DEFAULT_ALIGN          # auto | always | never
+    faces: str = opt.DEFAULT_FACES          # largest | score | all
+    max_faces: int = opt.DEFAULT_MAX_FACES  # cap on faces per image with faces=all
+    min_face_size: float = opt.DEFAULT_MIN_FACE_SIZE  # smallest face MTCNN looks for, in pixels
     detect_max_side: int = 0                # detect on a copy shrunk to this side; 0: full resolution
     max_detect: int = 0                     # images decoded and detected at once per worker; 0: cores / threads
     # limits
-    max_pixels: int = 89_478_485            # decoded image size limit (Pillow's default)
+    max_pixels: int = opt.MAX_PIXELS        # decoded image size limit (Pillow's default)
     max_body_bytes: int = 32 * 1024 * 1024  # request body limit
     max_images: int = 32                    # images per /v1/embed request
     # batching across requests
@@ -54,11 +63,11 @@ class Settings:
     malloc_arenas: int = 2                  # glibc heaps per worker process; 0: glibc's default (8 per core)
     onednn_cache: int = 256                 # compiled oneDNN primitives kept; 0: oneDNN's default (1024)
     # API
-    verify_threshold: float = 0.35          # cosine similarity at or above which /v1/verify says same person
+    verify_threshold: float = opt.DEFAULT_VERIFY_THRESHOLD  # cosine similarity at or above which /v1/verify says same person
     # galleries (1:N identification; docs/galleries.md)
     gallery_url: str = "sqlite:///data/gallery.db"  # sqlite:///path (relative: from the repo) or postgresql://...
-    identify_threshold: float = 0.35        # similarity at or above which identify says "match"; its own
-                                            # setting: raise it for large galleries (see `calibrate`)
+    identify_threshold: float = opt.DEFAULT_IDENTIFY_THRESHOLD  # similarity at or above which identify says
+                                            # "match"; its own setting: raise it for large galleries (see `calibrate`)
     api_keys: str = ""                      # comma-separated keys; empty: no auth
     api_keys_file: str = ""                 # file with one key per line
     log_level: str = "INFO"
@@ -68,10 +77,29 @@ class Settings:
     timeout: int = 300                      # seconds before gunicorn restarts a silent worker
     warmup: bool = True                     # run one embedding before /readyz says ready
 
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"{_variable(name)}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        for name, bound in _BOUNDS.items():
+            value = getattr(self, name)
+            if not bound.low <= value <= bound.high:
+                raise SettingsError(f"{_variable(name)}={value!r}: must be between {bound.low} and {bound.high}")
+        for name in _NOT_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{_variable(name)}={getattr(self, name)!r}: must be 0 or more")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_variable(name)}={getattr(self, name)!r}: must be more than 0")
+
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":
-        """Read ``ADAFACE_*`` variables (``os.environ`` by default), then apply ``overrides``."""
+        """Read ``ADAFACE_*`` variables (``os.environ`` by default), then apply ``overrides``.
+
+        A variable that is no setting but whose name is close to one's is refused as a typo;
+        other unknown ``ADAFACE_*`` names are logged and ignored."""
         environ = os.environ if environ is None else environ
+        _check_names(environ)
         values = {}
         for f in fields(cls):
             raw = environ.get(PREFIX + f.name.upper())
@@ -91,6 +119,15 @@ class Settings:
             return REPO_DIR / DOWNLOADED_WEIGHTS
         return path
 
+    def gallery_store_url(self) -> str:
+        """``gallery_url`` with a relative SQLite path made absolute from the repository folder."""
+        prefix = "sqlite:///"
+        if self.gallery_url.startswith(prefix) and not self.gallery_url.startswith(prefix + "/"):
+            rest = self.gallery_url[len(prefix):]
+            if rest:
+                return prefix + str(REPO_DIR / Path(rest).expanduser())
+        return self.gallery_url
+
     def cache_path(self) -> Path:
         path = Path(self.cache_dir).expanduser()
         return path if path.is_absolute() else REPO_DIR / path
@@ -105,6 +142,34 @@ class Settings:
                 raise SettingsError(f"ADAFACE_API_KEYS_FILE: cannot read {self.api_keys_file}: {exc}") from exc
             keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
         return keys
+
+
+_CHOICES = {"faces": opt.FACE_MODES, "align": opt.ALIGN_MODES, "backend": opt.BACKENDS,
+            "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error",
+                          "critical")}
+_BOUNDS = {"max_faces": opt.MAX_FACES, "min_face_size": opt.MIN_FACE_SIZE,
+           "verify_threshold": opt.SIMILARITY, "identify_threshold": opt.SIMILARITY}
+_NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_wait_ms", "max_queue", "malloc_arenas",
+                 "onednn_cache")
+_POSITIVE = ("max_pixels", "max_body_bytes", "max_images", "workers", "timeout")
+#: ADAFACE_* variables that are not settings but are read by tools (the tests' data folder)
+OTHER_VARIABLES = {PREFIX + "TEST_DATA"}
+
+
+def _variable(name: str) -> str:
+    return PREFIX + name.upper()
+
+
+def _check_names(environ) -> None:
+    """Refuse a near miss of a setting's name (a typo would otherwise be silently ignored)."""
+    known = [_variable(f.name) for f in fields(Settings)]
+    for name in environ:
+        if not name.startswith(PREFIX) or name in known or name in OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+        if close:
+            raise SettingsError(f"{name} is not a setting: did you mean {close[0]}?")
+        logging.getLogger(__name__).warning("%s is not a setting; ignored", name)
 
 
 def _parse(f: dataclasses.Field, raw: str):

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serving.native import map_native
+from adaface.threads import map_native
 
 from . import boxes as bx
 from . import openmp

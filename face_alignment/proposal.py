@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from serving.native import map_native
+from adaface.threads import map_native
 
 from . import openmp
 

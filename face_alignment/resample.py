@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from serving.native import map_native
+from adaface.threads import map_native
 
 try:
     from numba import njit

@@ -1,15 +1,13 @@
-"""Errors a gallery client can cause, each with its HTTP ``status`` and a short ``code``.
+"""Errors a gallery client can cause, each with a stable ``code``.
 
-The service's error handler answers any exception carrying ``status`` and ``code`` as JSON
-(``serving.errors.client_error``), so the store raises these directly; the command line prints
-their message.
+The service maps each code to its HTTP status in one table (``serving.errors.STATUS``), so the
+store raises these directly; the command line prints their message.
 """
 
 
 class GalleryError(Exception):
-    """Base class: a client-caused gallery error (HTTP 400 unless a subclass says otherwise)."""
+    """Base class: a client-caused gallery error."""
 
-    status = 400
     code = "bad_request"
 
     def __init__(self, message: str):
@@ -22,35 +20,35 @@ class BadNameError(GalleryError):
 
 
 class GalleryNotFoundError(GalleryError):
-    status, code = 404, "gallery_not_found"
+    code = "gallery_not_found"
 
     def __init__(self, name: str):
         super().__init__(f"no gallery named {name!r}")
 
 
 class GalleryExistsError(GalleryError):
-    status, code = 409, "gallery_exists"
+    code = "gallery_exists"
 
     def __init__(self, name: str):
         super().__init__(f"a gallery named {name!r} already exists")
 
 
 class IdentityNotFoundError(GalleryError):
-    status, code = 404, "identity_not_found"
+    code = "identity_not_found"
 
     def __init__(self, gallery: str, name: str):
         super().__init__(f"gallery {gallery!r} has no identity named {name!r}")
 
 
 class IdentityExistsError(GalleryError):
-    status, code = 409, "identity_exists"
+    code = "identity_exists"
 
     def __init__(self, gallery: str, name: str):
         super().__init__(f"gallery {gallery!r} already has an identity named {name!r}")
 
 
 class FaceNotFoundError(GalleryError):
-    status, code = 404, "face_not_found"
+    code = "face_not_found"
 
     def __init__(self, gallery: str, face_id: int):
         super().__init__(f"gallery {gallery!r} has no face with id {face_id}")
@@ -63,10 +61,10 @@ class StoreUrlError(ValueError):
 class ConflictError(GalleryError):
     """A concurrent write got there first (a name taken meanwhile); retrying gives the real answer."""
 
-    status, code = 409, "conflict"
+    code = "conflict"
 
 
 class StoreUnavailableError(GalleryError):
-    """The database could not be reached or stayed locked (HTTP 503; retry)."""
+    """The database could not be reached or stayed locked (retry)."""
 
-    status, code = 503, "store_unavailable"
+    code = "store_unavailable"

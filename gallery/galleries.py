@@ -14,7 +14,8 @@ from typing import Optional
 import numpy as np
 
 from .index import Indexes
-from .store import GalleryStore, open_store
+from .open import open_store
+from .store import GalleryStore
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from typing import Optional
 
 import numpy as np
 
-from serving.native import allocate_lock
+from adaface.threads import allocate_lock
 
 from .errors import GalleryNotFoundError
-from .store import DROPPED, EMBEDDING_SIZE, GalleryStore, Rows, check_gallery_name
+from adaface.options import EMBEDDING_SIZE
+
+from .store import DROPPED, GalleryStore, Rows, check_gallery_name
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Callable, Iterator, Sequence
 
 import psycopg
 
-from serving.native import allocate_lock, start_new_thread
+from adaface.threads import allocate_lock, native_sleep, start_new_thread
 
 from .errors import ConflictError, StoreUnavailableError
-from .sql import SqlStore, Tx
+from .sql import SqlStore, Tx, schema
 
 logger = logging.getLogger(__name__)
 
@@ -29,49 +29,7 @@ SCHEMA_LOCK = 0x61646166
 CONNECT_TIMEOUT_S = 10
 RECONNECT_DELAY_S = 1.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS adaface_galleries (
-    id BIGSERIAL PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    created_at DOUBLE PRECISION NOT NULL,
-    version BIGINT NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS adaface_identities (
-    id BIGSERIAL PRIMARY KEY,
-    gallery_id BIGINT NOT NULL REFERENCES adaface_galleries (id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    metadata TEXT,
-    created_at DOUBLE PRECISION NOT NULL,
-    UNIQUE (gallery_id, name)
-);
-CREATE TABLE IF NOT EXISTS adaface_faces (
-    id BIGSERIAL PRIMARY KEY,
-    identity_id BIGINT NOT NULL REFERENCES adaface_identities (id) ON DELETE CASCADE,
-    gallery_id BIGINT NOT NULL,
-    embedding BYTEA NOT NULL,
-    norm DOUBLE PRECISION NOT NULL,
-    photo_sha256 TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    UNIQUE (identity_id, photo_sha256)
-);
-CREATE INDEX IF NOT EXISTS adaface_faces_gallery ON adaface_faces (gallery_id);
-CREATE TABLE IF NOT EXISTS adaface_changes (
-    gallery_id BIGINT NOT NULL,
-    version BIGINT NOT NULL,
-    face_id BIGINT NOT NULL,
-    op TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS adaface_changes_gallery ON adaface_changes (gallery_id, version);
-"""
-
-
-def _native_sleep(seconds: float) -> None:
-    try:
-        from gevent import monkey
-        monkey.get_original("time", "sleep")(seconds)
-    except ImportError:
-        import time
-        time.sleep(seconds)
+SCHEMA = schema(id_column="BIGSERIAL PRIMARY KEY", integer="BIGINT", real="DOUBLE PRECISION", blob="BYTEA")
 
 
 class _PgTx(Tx):
@@ -192,7 +150,7 @@ class _Listener:
                     logger.warning("gallery listener: %s; reconnecting in %.0f s", exc, RECONNECT_DELAY_S)
             self.listening = False
             if not self.stopped:
-                _native_sleep(RECONNECT_DELAY_S)
+                native_sleep(RECONNECT_DELAY_S)
 
     def _dispatch(self, payload: str) -> None:
         try:

@@ -16,12 +16,55 @@ import numpy as np
 
 from .errors import (FaceNotFoundError, GalleryExistsError, GalleryNotFoundError, IdentityExistsError,
                      IdentityNotFoundError)
-from .store import (EMBEDDING_SIZE, ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace,
+from adaface.options import EMBEDDING_SIZE
+
+from .store import (ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace,
                     Rows, DROPPED, blobs_to_matrix, check_gallery_name, check_identity_name, check_metadata,
                     vector_blob)
 
 #: ids per IN (...) list
 CHUNK = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adaface_galleries (
+    id {id_column},
+    name TEXT NOT NULL UNIQUE,
+    created_at {real} NOT NULL,
+    version {integer} NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS adaface_identities (
+    id {id_column},
+    gallery_id {integer} NOT NULL REFERENCES adaface_galleries (id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    metadata TEXT,
+    created_at {real} NOT NULL,
+    UNIQUE (gallery_id, name)
+);
+CREATE TABLE IF NOT EXISTS adaface_faces (
+    id {id_column},
+    identity_id {integer} NOT NULL REFERENCES adaface_identities (id) ON DELETE CASCADE,
+    gallery_id {integer} NOT NULL,
+    embedding {blob} NOT NULL,
+    norm {real} NOT NULL,
+    photo_sha256 TEXT NOT NULL,
+    created_at {real} NOT NULL,
+    UNIQUE (identity_id, photo_sha256)
+);
+CREATE INDEX IF NOT EXISTS adaface_faces_gallery ON adaface_faces (gallery_id);
+CREATE TABLE IF NOT EXISTS adaface_changes (
+    gallery_id {integer} NOT NULL,
+    version {integer} NOT NULL,
+    face_id {integer} NOT NULL,
+    op TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS adaface_changes_gallery ON adaface_changes (gallery_id, version);
+"""
+
+
+def schema(id_column: str, integer: str, real: str, blob: str) -> str:
+    """The tables and indexes, in a backend's column types: ``id_column`` (an auto-increment
+    primary key), ``integer`` (64-bit), ``real`` (double) and ``blob`` (bytes)."""
+    return _SCHEMA.format(id_column=id_column, integer=integer, real=real, blob=blob)
 
 
 class Tx:

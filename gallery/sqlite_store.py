@@ -13,47 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from serving.native import allocate_lock
+from adaface.threads import allocate_lock
 
 from .errors import ConflictError, StoreUnavailableError
-from .sql import SqlStore, Tx
+from .sql import SqlStore, Tx, schema
 
 BUSY_TIMEOUT_S = 30.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS adaface_galleries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS adaface_identities (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    gallery_id INTEGER NOT NULL REFERENCES adaface_galleries (id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    metadata TEXT,
-    created_at REAL NOT NULL,
-    UNIQUE (gallery_id, name)
-);
-CREATE TABLE IF NOT EXISTS adaface_faces (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    identity_id INTEGER NOT NULL REFERENCES adaface_identities (id) ON DELETE CASCADE,
-    gallery_id INTEGER NOT NULL,
-    embedding BLOB NOT NULL,
-    norm REAL NOT NULL,
-    photo_sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    UNIQUE (identity_id, photo_sha256)
-);
-CREATE INDEX IF NOT EXISTS adaface_faces_gallery ON adaface_faces (gallery_id);
-CREATE TABLE IF NOT EXISTS adaface_changes (
-    gallery_id INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    face_id INTEGER NOT NULL,
-    op TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS adaface_changes_gallery ON adaface_changes (gallery_id, version);
-"""
+SCHEMA = schema(id_column="INTEGER PRIMARY KEY AUTOINCREMENT", integer="INTEGER", real="REAL", blob="BLOB")
 
 
 class _SqliteTx(Tx):

@@ -11,7 +11,8 @@ catch up by reading the changes after it (:meth:`GalleryStore.delta`); versions 
 commit in order, so reading "everything after v" never misses a change.
 
 Backends: :class:`gallery.sqlite_store.SqliteStore` (``sqlite:///path``) and
-:class:`gallery.postgres_store.PostgresStore` (``postgresql://...``); :func:`open_store` picks by URL.
+:class:`gallery.postgres_store.PostgresStore` (``postgresql://...``); :func:`gallery.open.open_store`
+picks by URL.
 """
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ import abc
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import BadNameError, StoreUrlError
+from adaface.options import EMBEDDING_SIZE
 
-EMBEDDING_SIZE = 512
+from .errors import BadNameError
 GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_IDENTITY_NAME = 200
 MAX_METADATA_BYTES = 16 * 1024
@@ -254,34 +254,3 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections and stop any listener."""
-
-
-def sqlite_path(url: str, base: Path) -> Path:
-    """``sqlite:///relative/path`` (relative to ``base``) or ``sqlite:////absolute/path``."""
-    rest = url[len("sqlite:///"):]
-    if not rest:
-        raise StoreUrlError(f"ADAFACE_GALLERY_URL={url!r} names no file: use sqlite:///path/to/gallery.db")
-    path = Path(rest).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def check_url(url: str) -> str:
-    """``url`` if it names a backend we have, else a StoreUrlError naming the accepted forms."""
-    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-        raise StoreUrlError(f"ADAFACE_GALLERY_URL={url!r}: use sqlite:///path/to/gallery.db or "
-                            "postgresql://user:password@host:5432/database")
-    return url
-
-
-def open_store(url: str, base: Optional[Path] = None) -> GalleryStore:
-    """The store for ``url``: ``sqlite:///path`` (relative paths from ``base``, the repository by
-    default) or ``postgresql://user:password@host:port/database`` (also ``postgres://``)."""
-    check_url(url)
-    if url.startswith("sqlite:///"):
-        from .sqlite_store import SqliteStore
-        if base is None:
-            from config import REPO_DIR
-            base = REPO_DIR
-        return SqliteStore(sqlite_path(url, base))
-    from .postgres_store import PostgresStore
-    return PostgresStore(url)

@@ -14,7 +14,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .store import EMBEDDING_SIZE, ExportRow, GalleryStore, NewFace
+from adaface.options import EMBEDDING_SIZE
+
+from .store import ExportRow, GalleryStore, NewFace
 
 #: faces per enroll transaction on import
 BATCH = 1000

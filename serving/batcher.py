@@ -3,7 +3,8 @@
 Callers (native threads) ``submit`` N×112×112×3 crops and block until their embeddings are
 ready. One native worker thread takes whatever is waiting, waits up to ``max_wait_ms`` for more
 until ``max_batch`` faces are gathered, runs one forward and hands each caller its rows.
-A job larger than ``max_batch`` runs in chunks. The queue is bounded by the caller (see
+A job larger than ``max_batch`` runs in chunks (:func:`adaface.pipeline.forward_in_chunks`, the
+one place forwards are cut to size). The queue is bounded by the caller (see
 ``InferenceRunner``), so memory is bounded too.
 """
 import logging
@@ -13,7 +14,8 @@ from collections import deque
 
 import numpy as np
 
-from .native import allocate_lock, start_new_thread
+from adaface.pipeline import forward_in_chunks
+from adaface.threads import allocate_lock, start_new_thread
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ class _Job:
 
 
 class MicroBatcher:
-    """Groups crops from many callers into forwards of ``embed(crops) -> (emb N×512, norms N)``.
+    """Groups crops from many callers into forwards of ``embed(crops) -> (emb N×512, norms N)``,
+    one forward of at most ``max_batch`` crops per call of ``embed``.
 
     ``observe(batch_size, seconds)`` is called after each forward (for metrics).
     """
@@ -51,7 +54,7 @@ class MicroBatcher:
     def submit(self, crops: np.ndarray):
         """Embed N×112×112×3 uint8 RGB crops; blocks the calling native thread until done."""
         if len(crops) == 0:
-            return self.embed(crops)
+            return forward_in_chunks(self.embed, crops, self.max_batch)
         self._ensure_worker()
         job = _Job(crops)
         self._pending.append(job)
@@ -103,15 +106,7 @@ class MicroBatcher:
 
     def _forward(self, jobs: list) -> None:
         crops = jobs[0].crops if len(jobs) == 1 else np.concatenate([j.crops for j in jobs])
-        embeddings, norms = [], []
-        for start in range(0, len(crops), self.max_batch):
-            chunk = crops[start:start + self.max_batch]
-            began = time.perf_counter()
-            emb, norm = self.embed(chunk)
-            self.observe(len(chunk), time.perf_counter() - began)
-            embeddings.append(emb)
-            norms.append(norm)
-        embeddings, norms = np.concatenate(embeddings), np.concatenate(norms)
+        embeddings, norms = forward_in_chunks(self.embed, crops, self.max_batch, self.observe)
         offset = 0
         for job in jobs:
             n = len(job.crops)

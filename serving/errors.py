@@ -1,18 +1,42 @@
-"""JSON errors: ``{"error": {"code": "...", "message": "..."}}`` with the right HTTP status.
+"""The error model of the HTTP service: every error is JSON ``{"error": {"code", "message"}}``.
 
-Every exception a client can cause carries ``code`` and ``status`` (ours, the image decoder's and
-the extractor's); werkzeug's HTTP errors are mapped; anything else is a bug: logged with its
-traceback and answered as a bare 500 with no detail.
+Library errors carry a stable ``code`` and no status (:mod:`adaface.errors`, the decoder's,
+the galleries'); :data:`STATUS` maps each code to its HTTP status, here only. :class:`ApiError`
+is the service's own error, with its status. Werkzeug's HTTP errors are mapped; anything else
+is a bug: logged with its traceback and answered as a bare 500 with no detail.
 """
+from __future__ import annotations
+
 import logging
 
-from flask import Flask, Response
+from flask import Flask
 from werkzeug.exceptions import HTTPException
 
-import orjson
+from adaface.errors import code_of
+
+from .responses import error_response, image_entry
 
 logger = logging.getLogger(__name__)
 
+#: HTTP status of every error code a client can cause (the README's error table)
+STATUS = {
+    # the request
+    "bad_request": 400, "empty_body": 400, "bad_base64": 400, "not_an_image": 400, "truncated_image": 400,
+    "bad_image": 400, "bad_json": 400, "bad_option": 400, "no_image": 400, "need_two_images": 400,
+    "one_image_only": 400, "bad_name": 400,
+    "unauthorized": 401,
+    "not_found": 404, "gallery_not_found": 404, "identity_not_found": 404, "face_not_found": 404,
+    "method_not_allowed": 405,
+    "gallery_exists": 409, "identity_exists": 409, "conflict": 409,
+    "body_too_large": 413, "image_too_large": 413, "too_many_images": 413,
+    "unsupported_format": 415, "unsupported_media_type": 415,
+    # the image
+    "no_face": 422, "not_aligned": 422,
+    # the server's state
+    "not_ready": 503, "busy": 503, "store_unavailable": 503, "unavailable": 503,
+    "internal_error": 500,
+}
+#: code for werkzeug's own HTTP errors, by status
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
               413: "body_too_large", 415: "unsupported_media_type", 503: "unavailable"}
 
@@ -26,34 +50,40 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def json_response(payload, status: int = 200, headers=None) -> Response:
-    """Serialise with orjson (NumPy arrays written natively, float32 as shortest float32 text)."""
-    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-    return Response(body, status=status, mimetype="application/json", headers=headers)
+def client_error(exc: BaseException):
+    """(status, code, message) of an exception a client caused, or None for anything else (a bug)."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.message
+    code = code_of(exc)
+    if code is None or code not in STATUS or code == "internal_error":
+        return None
+    return STATUS[code], code, getattr(exc, "message", None) or str(exc)
 
 
-def error_payload(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+def error_entry(exc: Exception) -> dict:
+    """One input's error inside a batch answer: ``{"error": {"code", "message", "status"}}``;
+    an exception no client causes is re-raised."""
+    known = client_error(exc)
+    if known is None:
+        raise exc
+    status, code, message = known
+    return {"error": {"code": code, "message": message, "status": status}}
 
 
-def error_response(status: int, code: str, message: str, headers=None) -> Response:
-    return json_response(error_payload(code, message), status, headers)
+def entry_or_error(result) -> dict:
+    """A batch answer's entry for one :class:`adaface.faces.ImageFaces`: its image entry, or its
+    error (no face included)."""
+    failure = result.failure()
+    return error_entry(failure) if failure is not None else image_entry(result)
 
 
-def client_error(exc: Exception):
-    """(status, code, message) of an exception a client caused, or None for anything else."""
-    status, code = getattr(exc, "status", None), getattr(exc, "code", None)
-    if isinstance(status, int) and 400 <= status < 600 and isinstance(code, str):
-        return status, code, getattr(exc, "message", None) or str(exc)
-    return None
+def codes_for(status: int) -> list:
+    """The codes answered with ``status``, sorted (for the OpenAPI descriptions)."""
+    return sorted(code for code, s in STATUS.items() if s == status)
 
 
 def register(app: Flask) -> None:
     """Install the JSON error handlers on ``app``."""
-
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -67,9 +97,9 @@ def register(app: Flask) -> None:
         return response
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception):
+    def _error(exc: Exception):
         known = client_error(exc)
         if known:
-            return error_response(*known)
+            return error_response(*known, headers=getattr(exc, "headers", None))
         logger.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error (logged)")

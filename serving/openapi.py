@@ -1,145 +1,191 @@
-"""The OpenAPI 3 description of every endpoint (served at ``/openapi.json``).
+"""The OpenAPI document, generated from the routes themselves (served at ``/openapi.json``).
 
-A test checks that every route of the app is described here with its methods and nothing else.
+Each view declares its operation with :func:`document`: a summary, the pydantic model of its
+query options (the same model :func:`serving.requests.parse_query` parses them with), its body's
+content types, its answers (pydantic models) and its error statuses. :func:`build_spec` walks
+the app's URL map, so a route without a declaration fails the build (and its test), and turns
+the declarations into an OpenAPI 3.1 document with apispec; the JSON schemas come from pydantic.
+Error statuses are described by the codes :data:`serving.errors.STATUS` gives them.
 """
+from __future__ import annotations
 
-_IMAGE_BODY_TYPES = {
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                 "description": "the image file's bytes (JPEG, PNG, WebP, BMP, GIF, TIFF)"},
-    "text/plain": {"schema": {"type": "string"}, "description": "the image as base64 (a data: prefix is allowed)"},
-}
-_ERROR = {"$ref": "#/components/schemas/Error"}
+import re
+from dataclasses import dataclass, field
+from typing import Optional
 
+from apispec import APISpec
+from pydantic.json_schema import models_json_schema
 
-def _errors(*statuses: int) -> dict:
-    text = {400: "bad input (empty body, bad base64, not an image, bad option)", 401: "missing or wrong API key",
-            413: "body over the size limit, image over the pixel limit, or too many images",
-            415: "image format not supported", 422: "no face found, or not 112×112 with align=never",
-            503: "not ready yet, or at capacity (Retry-After)"}
-    return {str(s): {"description": text[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
+from .errors import codes_for
 
-
-_QUERY = [
-    {"name": "faces", "in": "query", "schema": {"type": "string", "enum": ["largest", "score", "all"]},
-     "description": "which faces: the largest (default), the most confident, or all"},
-    {"name": "align", "in": "query", "schema": {"type": "string", "enum": ["auto", "always", "never"]},
-     "description": "auto: a 112×112 image is taken as an aligned crop; always: detect; never: must be a crop"},
-    {"name": "max_faces", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-    {"name": "min_face_size", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
-     "description": "smallest face to detect, in pixels"},
-]
-_EMBED_ERRORS = _errors(400, 401, 413, 415, 422, 503)
+OPENAPI_VERSION = "3.1.0"
+JSON = "application/json"
+_ARGUMENT = re.compile(r"<(?:(\w+)(?:\([^)]*\))?:)?(\w+)>")
+_CONVERTER_TYPES = {"int": "integer", "float": "number"}
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_REF = "#/components/schemas/{model}"
 
 
-def _compat(summary: str, output: str, body_types: dict) -> dict:
-    if output == "json":
-        ok = {"description": "the primary face's embedding as [[f1, ..., f512]]",
-              "content": {"application/json": {"schema": {"type": "array", "items": {
-                  "type": "array", "items": {"type": "number"}, "minItems": 512, "maxItems": 512}}}}}
-    else:
-        ok = {"description": "512 little-endian float32 values (2,048 bytes): numpy.frombuffer(body, '<f4')",
-              "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
-    ok["headers"] = {h: {"schema": {"type": "string"}} for h in ("X-Embedding-Dim", "X-Embedding-Norm", "X-Face-Box")}
-    return {"post": {"summary": summary, "parameters": _QUERY,
-                     "requestBody": {"required": True, "content": body_types},
-                     "responses": {"200": ok, **_EMBED_ERRORS}}}
+@dataclass(frozen=True)
+class Reply:
+    """One documented answer: a pydantic ``model`` for JSON, or a schema dict for other types."""
+
+    description: str
+    model: object = None
+    content_type: str = JSON
+    headers: tuple = ()
 
 
-def _get(summary: str, description: str, content_type: str = "application/json", extra=None) -> dict:
-    responses = {"200": {"description": description, "content": {content_type: {"schema": {"type": "object"}
-                                                                                 if content_type == "application/json"
-                                                                                 else {"type": "string"}}}}}
-    responses.update(extra or {})
-    return {"get": {"summary": summary, "responses": responses}}
+@dataclass(frozen=True)
+class Operation:
+    """What :func:`document` records on a view."""
+
+    summary: str
+    replies: dict
+    description: str = ""
+    query: Optional[type] = None
+    body: Optional[dict] = None          # content type -> pydantic model or schema dict
+    errors: tuple = ()
+    path_params: dict = field(default_factory=dict)   # name -> description
+    tags: tuple = ()
 
 
-def _paths() -> dict:
-    from .gallery_routes import OPENAPI_PATHS
-    b64 = {"text/plain": _IMAGE_BODY_TYPES["text/plain"]}
-    raw = {"application/octet-stream": _IMAGE_BODY_TYPES["application/octet-stream"]}
-    either = {**_IMAGE_BODY_TYPES, "application/json": {"schema": {
-        "type": "object", "properties": {"image": {"type": "string"}}}}}
-    multi = {**either,
-             "application/json": {"schema": {"$ref": "#/components/schemas/EmbedRequest"}},
-             "multipart/form-data": {"schema": {"type": "object", "additionalProperties": {
-                 "type": "string", "format": "binary"}}}}
-    return {
-        "/b64_represent_json": _compat("Original API: base64 body, JSON embedding", "json", b64),
-        "/byte_represent_json": _compat("Original API: image bytes body, JSON embedding", "json", raw),
-        "/b64_represent_byte": _compat("Original API: base64 body, float32 bytes", "bytes", b64),
-        "/byte_represent_byte": _compat("Original API: image bytes body, float32 bytes", "bytes", raw),
-        "/represent_json": _compat("Image bytes or base64 (told apart by content), JSON embedding", "json", either),
-        "/represent_bytes": _compat("Image bytes or base64 (told apart by content), float32 bytes", "bytes", either),
-        "/v1/embed": {"post": {
-            "summary": "Embed the faces of one image or a batch",
-            "description": "One image: raw or base64 body, JSON {\"image\"}, or one multipart file. A batch: "
-                           "JSON {\"images\": [...]} or several multipart files; a bad image is an error entry. "
-                           "Accept: application/octet-stream returns all embeddings packed as N×512 float32.",
-            "parameters": _QUERY, "requestBody": {"required": True, "content": multi},
-            "responses": {"200": {"description": "faces with embedding, norm, box, score, landmarks",
-                                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbedResponse"}},
-                                              "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                          **_EMBED_ERRORS}}},
-        "/v1/verify": {"post": {
-            "summary": "Are two photos the same person? Cosine similarity against a threshold",
-            "parameters": _QUERY + [{"name": "threshold", "in": "query", "schema": {"type": "number"},
-                                     "description": "overrides ADAFACE_VERIFY_THRESHOLD"}],
-            "requestBody": {"required": True, "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/VerifyRequest"}},
-                "multipart/form-data": {"schema": {"type": "object"}}}},
-            "responses": {"200": {"description": "similarity and decision", "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/VerifyResponse"}}}}, **_EMBED_ERRORS}}},
-        "/": _get("Service index", "name, model and where this description is"),
-        "/livez": _get("Liveness: the process answers (never waits for inference)", "alive"),
-        "/readyz": _get("Readiness: the model is loaded and a warm-up embedding succeeded", "ready",
-                        extra=_errors(503)),
-        "/info": _get("Model, weights (path and sha256), device, threads, batching, limits, versions", "info",
-                      extra=_errors(401)),
-        "/metrics": _get("Prometheus metrics", "text exposition format", "text/plain"),
-        "/openapi.json": _get("This description", "OpenAPI 3 document"),
-        **OPENAPI_PATHS,
-    }
+def document(summary: str, replies: dict, **fields):
+    """Declare the decorated view's OpenAPI operation (see :class:`Operation`)."""
+    operation = Operation(summary, replies, **fields)
+
+    def mark(view):
+        view.openapi = operation
+        return view
+    return mark
 
 
-_SCHEMAS = {
-    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["code", "message"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-    "Face": {"type": "object", "properties": {
-        "embedding": {"type": "array", "items": {"type": "number"}, "minItems": 512, "maxItems": 512},
-        "norm": {"type": "number", "description": "pre-normalisation norm: AdaFace's quality proxy"},
-        "box": {"type": "array", "nullable": True, "items": {"type": "number"}, "description": "x1, y1, x2, y2"},
-        "score": {"type": "number", "nullable": True},
-        "landmarks": {"type": "array", "nullable": True, "items": {"type": "array", "items": {"type": "number"}}}}},
-    "ImageResult": {"type": "object", "properties": {
-        "width": {"type": "integer"}, "height": {"type": "integer"}, "aligned_input": {"type": "boolean"},
-        "faces": {"type": "array", "items": {"$ref": "#/components/schemas/Face"}},
-        "error": {"type": "object"}}},
-    "EmbedRequest": {"type": "object", "properties": {
-        "image": {"type": "string"}, "images": {"type": "array", "items": {"type": "string"}}}},
-    "EmbedResponse": {"type": "object", "properties": {
-        "model": {"type": "string"}, "dim": {"type": "integer"},
-        "faces": {"type": "array", "items": {"$ref": "#/components/schemas/Face"}},
-        "results": {"type": "array", "items": {"$ref": "#/components/schemas/ImageResult"}}}},
-    "VerifyRequest": {"type": "object", "properties": {
-        "image1": {"type": "string"}, "image2": {"type": "string"},
-        "images": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}}},
-    "VerifyResponse": {"type": "object", "properties": {
-        "similarity": {"type": "number"}, "same_person": {"type": "boolean"}, "threshold": {"type": "number"},
-        "faces": {"type": "array", "items": {"type": "object"}}}},
-}
+def openapi_path(rule: str) -> str:
+    """Flask's ``/a/<int:b>/<c>`` as OpenAPI's ``/a/{b}/{c}``."""
+    return _ARGUMENT.sub(r"{\2}", rule)
 
 
-def spec(settings) -> dict:
-    """The OpenAPI 3.0 document for this service."""
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "AdaFace embedding service", "version": "1.0.0",
-                 "description": "Face photos in, 512-d AdaFace IR-101 embeddings out (cosine similarity "
-                                f"compares them; default same-person threshold {settings.verify_threshold})."},
-        "paths": _paths(),
-        "components": {"schemas": _SCHEMAS, "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer"},
-            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
-        "security": [{"bearer": []}, {"apiKey": []}, {}],
-    }
+def _path_parameters(rule: str, descriptions: dict) -> list:
+    params = []
+    for converter, name in _ARGUMENT.findall(rule):
+        param = {"name": name, "in": "path", "required": True,
+                 "schema": {"type": _CONVERTER_TYPES.get(converter, "string")}}
+        if name in descriptions:
+            param["description"] = descriptions[name]
+        params.append(param)
+    return params
+
+
+def _without_null(schema: dict) -> dict:
+    """An ``Optional[X]`` field's schema as X's (a query option is simply absent when unset)."""
+    options = [s for s in schema.get("anyOf", ()) if s.get("type") != "null"]
+    if len(options) == 1:
+        rest = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+        return {**options[0], **rest}
+    return {k: v for k, v in schema.items() if k != "default"}
+
+
+def _query_parameters(model: type) -> list:
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        prop = _without_null(prop)
+        description = prop.pop("description", None)
+        prop.pop("title", None)
+        param = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if description:
+            param["description"] = description
+        params.append(param)
+    return params
+
+
+def _is_model(value) -> bool:
+    return isinstance(value, type) and hasattr(value, "model_json_schema")
+
+
+class _Schemas:
+    """Every pydantic model the operations use, as components, and the refs to them."""
+
+    def __init__(self, models: list):
+        unique = list(dict.fromkeys(models))
+        refs, top = models_json_schema([(m, "serialization") for m in unique], ref_template=_REF)
+        self.refs = {m: refs[(m, "serialization")] for m in unique}
+        self.components = top.get("$defs", {})
+
+    def of(self, value) -> dict:
+        return self.refs[value] if _is_model(value) else value
+
+
+def _models(operations: list) -> list:
+    found = []
+    for op in operations:
+        found += [r.model for r in op.replies.values() if _is_model(r.model)]
+        found += [m for m in (op.body or {}).values() if _is_model(m)]
+    return found
+
+
+def _error_reply(status: int, error_schema: dict) -> dict:
+    codes = codes_for(status)
+    return {"description": "error codes: " + ", ".join(codes) if codes else "error",
+            "content": {JSON: {"schema": error_schema}}}
+
+
+def _operation(op: Operation, rule: str, schemas: _Schemas, error_schema: dict) -> dict:
+    out = {"summary": op.summary}
+    if op.description:
+        out["description"] = op.description
+    if op.tags:
+        out["tags"] = list(op.tags)
+    params = _path_parameters(rule, op.path_params) + (_query_parameters(op.query) if op.query else [])
+    if params:
+        out["parameters"] = params
+    if op.body:
+        out["requestBody"] = {"required": True, "content": {
+            ctype: {"schema": schemas.of(schema)} for ctype, schema in op.body.items()}}
+    responses = {}
+    for status, reply in op.replies.items():
+        entry = {"description": reply.description}
+        if reply.model is not None:
+            entry["content"] = {reply.content_type: {"schema": schemas.of(reply.model)}}
+        if reply.headers:
+            entry["headers"] = {h: {"schema": {"type": "string"}} for h in reply.headers}
+        responses[str(status)] = entry
+    for status in op.errors:
+        responses[str(status)] = _error_reply(status, error_schema)
+    out["responses"] = responses
+    return out
+
+
+def _routes(app) -> list:
+    """(rule, method, Operation) for every route of ``app``; a route without one is a LookupError."""
+    found = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        view = app.view_functions[rule.endpoint]
+        operation = getattr(view, "openapi", None)
+        if operation is None:
+            raise LookupError(f"route {rule.rule} ({rule.endpoint}) has no OpenAPI declaration (serving.openapi.document)")
+        for method in sorted(m for m in rule.methods if m in _METHODS):
+            found.append((rule.rule, method, operation))
+    return found
+
+
+def build_spec(app, title: str, version: str, description: str, error_model: type) -> dict:
+    """The OpenAPI 3.1 document of every route of ``app``; ``error_model`` describes error bodies."""
+    routes = _routes(app)
+    schemas = _Schemas(_models([op for _, _, op in routes]) + [error_model])
+    spec = APISpec(title=title, version=version, openapi_version=OPENAPI_VERSION,
+                   info={"description": description},
+                   security=[{"bearer": []}, {"apiKey": []}, {}])
+    for name, schema in sorted(schemas.components.items()):
+        spec.components.schema(name, schema)
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "X-API-Key"})
+    paths: dict = {}
+    for rule, method, op in routes:
+        paths.setdefault(rule, {})[method.lower()] = _operation(op, rule, schemas, schemas.of(error_model))
+    for rule, operations in paths.items():
+        spec.path(path=openapi_path(rule), operations=operations)
+    return spec.to_dict()

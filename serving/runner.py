@@ -1,8 +1,10 @@
 """Inference for the HTTP layer: admission control, native threads, micro-batched forwards.
 
 ``InferenceRunner.embed(inputs, options)`` decodes, detects and aligns each input in a native
-thread, sends all crops through the shared :class:`MicroBatcher`, and returns one entry per
-input: a list of :class:`AdaFaceFeature.Face` or the client error that input caused.
+thread and hands the crops to the extractor's one embed path
+(:meth:`adaface.pipeline.Extractor.embed_prepared`) with the shared :class:`MicroBatcher` as
+its forward; one :class:`adaface.faces.ImageFaces` per input comes back (faces, or the client
+error that input caused).
 """
 import logging
 import os
@@ -10,10 +12,12 @@ import os
 import numpy as np
 import torch
 
+from adaface.options import EmbedOptions
+from adaface.threads import NativeSlots, Offloader, allocate_lock
+
 from .batcher import MicroBatcher
-from .errors import ApiError, client_error
+from .errors import ApiError
 from .memory import release_free_heap
-from .native import NativeSlots, Offloader, allocate_lock
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +29,9 @@ class InferenceRunner:
         self.extractor = extractor
         self.settings = settings
         self.metrics = metrics
-        cuda = extractor.device.type == "cuda"
-        self.max_batch = settings.max_batch or (32 if cuda else 8)
+        self.max_batch = settings.max_batch or extractor.max_batch
         self.max_queue = settings.max_queue
-        self.batcher = MicroBatcher(extractor.embed_crops, self.max_batch, settings.max_wait_ms,
+        self.batcher = MicroBatcher(extractor.model.forward, self.max_batch, settings.max_wait_ms,
                                     observe=metrics.observe_batch if metrics else None)
         self.offloader = Offloader(size=max(2, min(8, (os.cpu_count() or 2) * 2)))
         # decoding and detection use torch.get_num_threads() cores each: more at once would only
@@ -55,55 +58,31 @@ class InferenceRunner:
         if self.metrics:
             self.metrics.queue_depth(depth)
 
-    def embed(self, inputs: list, options: dict) -> list:
-        """Embed each input (bytes, base64 text, ...); one entry per input: faces or an exception."""
+    def embed(self, inputs: list, options: EmbedOptions) -> list:
+        """Embed each input (bytes, base64 text, ...); one :class:`adaface.faces.ImageFaces` each."""
         self._admit(len(inputs))
         try:
             return self.offloader.call(self._work, inputs, options)
         finally:
             self._release(len(inputs))
 
-    def _work(self, inputs: list, options: dict) -> list:
+    def _work(self, inputs: list, options: EmbedOptions) -> list:
         """Runs in a native thread: prepare every input, then one batched forward for all."""
         prepared = []
         for item in inputs:
-            try:
-                with self.prepare_slots.held():
-                    prepared.append(self.extractor.prepare(item, **options))
-            except Exception as exc:  # a client error for this input only; bugs re-raised
-                if client_error(exc) is None:
-                    raise
-                prepared.append(exc)
-        crops = [c for p in prepared if not isinstance(p, Exception) for c in p.crops]
-        if crops:
-            embeddings, norms = self.batcher.submit(np.stack([c.crop for c in crops]))
-        results, i = [], 0
-        for p in prepared:
-            if isinstance(p, Exception):
-                results.append(p)
-                continue
-            faces = [c.with_embedding(embeddings[i + k], norms[i + k]) for k, c in enumerate(p.crops)]
-            i += len(p.crops)
-            results.append(_Result(p, faces))
+            with self.prepare_slots.held():
+                prepared.append(self.extractor.try_prepare(item, options))
+        results = self.extractor.embed_prepared(prepared, forward=self.batcher.submit)
         if self.metrics:
             for r in results:
-                if not isinstance(r, Exception):
+                if r.error is None:
                     self.metrics.observe_faces(len(r.faces))
         return results
 
     def warm_up(self) -> None:
-        """One embedding through the whole path (detector included), so /readyz means ready."""
+        """One embedding through the whole path (detector included), so /readyz means ready; a
+        bug raises, an input the settings refuse (a tiny pixel limit, say) does not."""
         grey = np.full((160, 160, 3), 128, np.uint8)
         crop = np.full((112, 112, 3), 128, np.uint8)
-        self._work([grey, crop], {"faces": "largest", "align_mode": "auto"})
+        self._work([grey, crop], EmbedOptions())
         release_free_heap()
-
-
-class _Result:
-    """Faces of one prepared image, with its decoded size and whether it was taken as a crop."""
-
-    __slots__ = ("width", "height", "aligned", "faces")
-
-    def __init__(self, prepared, faces):
-        self.width, self.height, self.aligned = prepared.width, prepared.height, prepared.aligned
-        self.faces = faces

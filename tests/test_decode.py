@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import image_decode as idec
-from image_decode import (Base64DecodeError, EmptyImageError, ImageInputError, ImageTooLargeError,
+import adaface.decode as idec
+from serving.errors import STATUS
+from adaface.decode import (Base64DecodeError, EmptyImageError, ImageInputError, ImageTooLargeError,
                           NotAnImageError, TruncatedImageError, UnsupportedImageFormatError,
                           decode_any, decode_base64, decode_image, looks_like_image)
 from tests.conftest import FACEDATA, require_shared
@@ -320,7 +321,7 @@ def test_bad_base64(text):
 ])
 def test_error_table(cls, code, status):
     assert issubclass(cls, ImageInputError) and issubclass(cls, ValueError)
-    assert (cls.code, cls.status) == (code, status)
+    assert (cls.code, STATUS[cls.code]) == (code, status)
     assert str(cls()) and cls().message == str(cls())
     assert str(cls("detail")) == "detail"
 
@@ -332,13 +333,13 @@ def test_error_table(cls, code, status):
 def test_empty(call):
     with pytest.raises(EmptyImageError) as info:
         call()
-    assert (info.value.code, info.value.status) == ("empty_body", 400)
+    assert (info.value.code, STATUS[info.value.code]) == ("empty_body", 400)
 
 
 def test_bad_base64_through_decode_any():
     with pytest.raises(Base64DecodeError) as info:
         decode_any(b"this is not base64!")
-    assert (info.value.code, info.value.status) == ("bad_base64", 400)
+    assert (info.value.code, STATUS[info.value.code]) == ("bad_base64", 400)
 
 
 def test_random_bytes():
@@ -347,7 +348,7 @@ def test_random_bytes():
     for call in (decode_image, decode_any):
         with pytest.raises(NotAnImageError) as info:
             call(junk)
-        assert (info.value.code, info.value.status) == ("not_an_image", 400)
+        assert (info.value.code, STATUS[info.value.code]) == ("not_an_image", 400)
 
 
 def test_base64_of_random_bytes_is_not_an_image():
@@ -363,7 +364,7 @@ def test_truncated(fmt, keep):
     assert looks_like_image(cut)
     with pytest.raises(TruncatedImageError) as info:
         decode_image(cut)
-    assert (info.value.code, info.value.status) == ("truncated_image", 400)
+    assert (info.value.code, STATUS[info.value.code]) == ("truncated_image", 400)
 
 
 def test_over_pixel_limit():
@@ -372,7 +373,7 @@ def test_over_pixel_limit():
     for image in (data, Image.open(io.BytesIO(data)), _rgb(20, 30)):
         with pytest.raises(ImageTooLargeError) as info:
             decode_image(image, max_pixels=599)
-        assert (info.value.code, info.value.status) == ("image_too_large", 413)
+        assert (info.value.code, STATUS[info.value.code]) == ("image_too_large", 413)
     with pytest.raises(ImageTooLargeError):
         decode_any(base64.b64encode(data), max_pixels=100)
 
@@ -404,7 +405,7 @@ def test_unsupported_recognised_formats(data):
     for call in (decode_image, decode_any):
         with pytest.raises(UnsupportedImageFormatError) as info:
             call(data)
-        assert (info.value.code, info.value.status) == ("unsupported_format", 415)
+        assert (info.value.code, STATUS[info.value.code]) == ("unsupported_format", 415)
     with pytest.raises(UnsupportedImageFormatError):
         decode_any(base64.b64encode(data).decode())
 

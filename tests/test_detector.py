@@ -27,7 +27,7 @@ from face_alignment import MTCNN, openmp, proposal
 from face_alignment import pyramid as pyr
 from face_alignment.detector import crop_boxes
 from face_alignment.nets import load_nets
-from serving.native import NativeSlots, map_native
+from adaface.threads import NativeSlots, map_native
 
 
 @pytest.fixture(scope="module")

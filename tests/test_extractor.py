@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import image_decode
+import adaface.decode as image_decode
+from serving.errors import STATUS
 from AdaFaceFeature import (EMBEDDING_SIZE, AdaFaceFeature, BadOptionError, FaceInputError,
                             NotAlignedError, crops_to_tensor, resolve_device)
 from conftest import FACEDATA, REPO, require_shared
@@ -132,7 +133,7 @@ def test_always_detects_in_a_112_crop(extractor):
 def test_never_refuses_an_image_that_is_not_112(extractor):
     with pytest.raises(NotAlignedError) as info:
         extractor.embed_image(shared_file(PHOTO).read_bytes(), align_mode="never")
-    assert info.value.code == "not_aligned" and info.value.status == 422
+    assert info.value.code == "not_aligned" and STATUS[info.value.code] == 422
     assert isinstance(info.value, FaceInputError)
 
 
@@ -185,7 +186,7 @@ def test_no_face_gives_an_empty_list(extractor):
 def test_bad_options_raise(extractor, options):
     with pytest.raises(BadOptionError) as info:
         extractor.embed_image(np.full((64, 64, 3), 128, np.uint8), **options)
-    assert info.value.status == 400 and info.value.code == "bad_option"
+    assert STATUS[info.value.code] == 400 and info.value.code == "bad_option"
 
 
 def test_min_face_size_override_excludes_a_small_face(extractor):
@@ -200,7 +201,7 @@ def test_min_face_size_override_excludes_a_small_face(extractor):
 def test_empty_bytes_raise_empty_image_error(extractor):
     with pytest.raises(image_decode.EmptyImageError) as info:
         extractor.embed_image(b"")
-    assert info.value.status == 400
+    assert STATUS[info.value.code] == 400
 
 
 def test_random_bytes_raise_not_an_image(extractor):

@@ -19,7 +19,7 @@ import pytest
 
 import AdaFaceFeature
 from conftest import FACEDATA, REPO, require_shared
-from gallery.cli import person_from_path
+from cli.labels import person_from_path
 from test_gallery_support import crop_png, grey_png
 
 MODEL_ENV = {"ADAFACE_WEIGHTS": "synthetic", "ADAFACE_ARCH": "ir_18", "ADAFACE_DEVICE": "cpu",

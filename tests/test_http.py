@@ -446,7 +446,8 @@ def test_failed_warm_up_is_reported_by_readyz(extractor):
     def fail(crops):
         raise RuntimeError("simulated forward failure")
 
-    broken.embed_crops = fail
+    broken.model = copy.copy(extractor.model)
+    broken.model.forward = fail  # the forward every embedding goes through
     client = create_app(Settings(weights="synthetic", arch="ir_18"), extractor=broken).test_client()
     deadline = time.monotonic() + 30
     while "failed" not in client.get("/readyz").get_json()["error"]["message"]:

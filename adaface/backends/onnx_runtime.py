@@ -1,9 +1,7 @@
-"""Inference backends for the IR backbone: PyTorch eager, or ONNX Runtime on an exported graph.
+"""ONNX Runtime inference of the IR backbone, on a graph exported from the PyTorch model.
 
-Both take N×3×112×112 float32 BGR tensors scaled as (x / 255 - 0.5) / 0.5 and return
-(float32 N×512 unit embeddings, float32 N norms) as NumPy arrays.
-
-ONNX Runtime runs the same graph faster on CPU. The graph is exported once and cached beside the
+Same input and output as :class:`adaface.backends.torch_eager.TorchBackend`; it runs the same
+graph faster on CPU. The graph is exported once and cached beside the
 weights (``<weights file>.<sha256[:16]>.onnx``), or under the cache folder when that folder is
 read-only or the weights are synthetic; before use it is checked against PyTorch on a fixed
 batch (cosine >= 0.99999), and ``auto`` falls back to PyTorch with a warning if anything fails.
@@ -17,29 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..options import CROP_SIZE
+from .errors import BackendError
+from .torch_eager import TorchBackend
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnx")
 OPSET = 17
 PARITY_COSINE = 0.99999
-
-
-class BackendError(RuntimeError):
-    """The requested backend cannot run here (e.g. ONNX Runtime missing or its output differs)."""
-
-
-class TorchBackend:
-    """PyTorch eager on the model's device, under inference mode."""
-
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> tuple:
-        emb, norm = self.model(batch)
-        return emb.float().cpu().numpy(), norm[:, 0].float().cpu().numpy()
 
 
 class OnnxBackend:
@@ -82,7 +65,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
     """Export the backbone with a dynamic batch axis; written to a temporary name, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    example = torch.zeros(1, 3, 112, 112, device=next(model.parameters()).device)
+    example = torch.zeros(1, 3, CROP_SIZE, CROP_SIZE, device=next(model.parameters()).device)
     dynamic = {"input": {0: "n"}, "embedding": {0: "n"}, "norm": {0: "n"}}
     try:
         torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["embedding", "norm"],
@@ -94,7 +77,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
 
 def _check_parity(reference: TorchBackend, candidate: OnnxBackend) -> float:
     generator = torch.Generator().manual_seed(0)
-    batch = torch.rand(2, 3, 112, 112, generator=generator) * 2 - 1
+    batch = torch.rand(2, 3, CROP_SIZE, CROP_SIZE, generator=generator) * 2 - 1
     expected, _ = reference(batch)
     got, _ = candidate(batch)
     cosine = float(np.min(np.sum(expected * got, axis=1)))
@@ -103,7 +86,7 @@ def _check_parity(reference: TorchBackend, candidate: OnnxBackend) -> float:
     return cosine
 
 
-def _onnx(model, cache_key, weights_path, cache_dir, threads) -> OnnxBackend:
+def onnx_backend(model, cache_key, weights_path, cache_dir, threads) -> OnnxBackend:
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
@@ -116,22 +99,3 @@ def _onnx(model, cache_key, weights_path, cache_dir, threads) -> OnnxBackend:
     cosine = _check_parity(TorchBackend(model), backend)
     logger.info("ONNX Runtime backend ready (%s, cosine to PyTorch %.7f)", path.name, cosine)
     return backend
-
-
-def make_backend(name: str, model: torch.nn.Module, device: torch.device, cache_key: str,
-                 weights_path: Path | None, cache_dir: Path, threads: int):
-    """The backend ``name`` (auto | torch | onnx) for ``model``; auto = ONNX Runtime on CPU when it
-    works, else PyTorch. ``cache_key`` names the weights (e.g. the first 16 hex of their sha256)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if name == "torch" or (name == "auto" and device.type != "cpu"):
-        return TorchBackend(model)
-    if device.type != "cpu":
-        raise BackendError("the onnx backend runs on CPU only; use ADAFACE_BACKEND=torch on CUDA")
-    try:
-        return _onnx(model, cache_key, weights_path, cache_dir, threads)
-    except Exception as exc:
-        if name == "onnx":
-            raise BackendError(f"the onnx backend failed: {exc}") from exc
-        logger.warning("ONNX Runtime unavailable (%s); using PyTorch", exc)
-        return TorchBackend(model)

@@ -1,16 +1,31 @@
-"""Request parsing: where the image(s) are in a request, and the embedding options.
+"""Request parsing: where the image(s) are in a request, JSON bodies, and query options.
 
 One image: a raw image body, a base64 text body (told apart by content), JSON
 ``{"image": "<base64>"}`` or a multipart form with one file. A batch: JSON
 ``{"images": ["<base64>", ...]}`` or a multipart form with several files (or a field named
 ``images``). Base64 may carry a ``data:image/...;base64,`` prefix.
+
+Query options are parsed by the route's pydantic model (:mod:`serving.schemas`), the same model
+the OpenAPI document describes; a bad value is a 400 ``bad_option`` naming the option.
 """
+from __future__ import annotations
+
+import typing
+
+import pydantic
 from flask import Request
+
+from adaface.options import EmbedOptions
 
 from .errors import ApiError
 
-FACES = ("largest", "score", "all")
-ALIGN = ("auto", "always", "never")
+
+def json_object(request: Request) -> dict:
+    """The body as a JSON object, or a 400 ``bad_json``."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "the body must be a JSON object")
+    return body
 
 
 def _json_body(request: Request):
@@ -84,46 +99,40 @@ def pair_inputs(request: Request) -> list:
     return inputs
 
 
-def _number_arg(args, name: str, kind: type, low, high, default):
-    """Query option ``name`` parsed as ``kind`` within [low, high], or ``default`` when absent."""
-    raw = args.get(name)
-    if raw is None or raw == "":
-        return default
+def _bad_option(model: type, error: dict) -> ApiError:
+    """Our message for pydantic's first error on a query model."""
+    name = str(error["loc"][0]) if error.get("loc") else "query"
+    raw = error.get("input")
+    field = model.model_fields.get(name)
+    kind = error.get("type", "")
+    if kind == "literal_error" and field is not None:
+        allowed = [a for arg in typing.get_args(field.annotation) for a in (typing.get_args(arg) or [arg])
+                   if isinstance(a, str)]
+        return ApiError(400, "bad_option", f"{name} must be one of {', '.join(allowed)}; got {raw!r}")
+    if kind.endswith("_parsing") or kind.endswith("_type"):
+        noun = "an integer" if kind.startswith("int") else "a number"
+        return ApiError(400, "bad_option", f"{name} must be {noun}; got {raw!r}")
+    if field is not None and kind in ("greater_than_equal", "less_than_equal", "finite_number"):
+        low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+        high = next((m.le for m in field.metadata if getattr(m, "le", None) is not None), None)
+        return ApiError(400, "bad_option", f"{name} must be between {low} and {high}; got {raw}")
+    return ApiError(400, "bad_option", f"{name}: {error.get('msg', 'invalid value')}")
+
+
+def parse_query(model: type, args):
+    """The query string as ``model`` (a pydantic model); empty values count as absent."""
+    values = {k: v for k, v in args.items() if v != "" and k in model.model_fields}
     try:
-        value = kind(raw)
-    except ValueError:
-        noun = "an integer" if kind is int else "a number"
-        raise ApiError(400, "bad_option", f"{name} must be {noun}; got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(400, "bad_option", f"{name} must be between {low} and {high}; got {value}")
-    return value
+        return model.model_validate(values)
+    except pydantic.ValidationError as exc:
+        raise _bad_option(model, exc.errors()[0]) from None
 
 
-def int_arg(args, name: str, low: int, high: int, default=None):
-    """Integer query option ``name`` within [low, high], or ``default`` when absent."""
-    return _number_arg(args, name, int, low, high, default)
-
-
-def _choice_arg(args, name: str, allowed: tuple, default: str) -> str:
-    value = args.get(name) or default
-    if value not in allowed:
-        raise ApiError(400, "bad_option", f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
-def embed_options(args, settings) -> dict:
-    """Query-string options over the settings' defaults -> keyword arguments of
-    ``AdaFaceFeature.prepare`` (the settings' limits apply to every request)."""
-    max_faces = int_arg(args, "max_faces", 1, 1000)
-    min_face = int_arg(args, "min_face_size", 1, 10000)
-    return {"faces": _choice_arg(args, "faces", FACES, settings.faces),
-            "align_mode": _choice_arg(args, "align", ALIGN, settings.align),
-            "max_faces": max_faces or settings.max_faces,
-            "min_face_size": float(min_face) if min_face is not None else settings.min_face_size,
-            "max_pixels": settings.max_pixels,
-            "detect_max_side": settings.detect_max_side}
-
-
-def threshold_arg(args, default: float) -> float:
-    """The ``threshold`` query option (a cosine similarity, -1 to 1), or ``default``."""
-    return _number_arg(args, "threshold", float, -1.0, 1.0, default)
+def embed_options(query, settings) -> EmbedOptions:
+    """An embedding query over the settings' defaults -> the pipeline's options (the settings'
+    limits apply to every request)."""
+    return EmbedOptions(faces=query.faces or settings.faces, align_mode=query.align or settings.align,
+                        max_faces=query.max_faces or settings.max_faces,
+                        min_face_size=float(query.min_face_size) if query.min_face_size is not None
+                        else settings.min_face_size,
+                        max_pixels=settings.max_pixels, detect_max_side=settings.detect_max_side)

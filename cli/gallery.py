@@ -1,11 +1,10 @@
-"""``python AdaFaceFeature.py gallery ...`` and ``python AdaFaceFeature.py calibrate ...``.
+"""``python AdaFaceFeature.py gallery ...``: build, search, export, import and list galleries.
 
     gallery build DIR [--gallery NAME] [--labels CSV]   enroll a folder: a sub-folder per person, or
                                                         person names in file names (alice_1.jpg -> alice)
     gallery identify IMG... [--top-k K] [--threshold T] [--json]
     gallery export FILE / gallery import FILE           .npz or .parquet
     gallery list                                        galleries with identity and face counts
-    calibrate PAIRS.csv [--images DIR] | calibrate DIR  ROC AUC, EER, TAR at FAR; PNG plot; threshold
 
 The store is ``--url`` or ``ADAFACE_GALLERY_URL``; the model options (``--weights``, ``--arch``,
 ``--device``, ``--align``) are those of the other commands. ``build`` is resumable: a photo
@@ -15,59 +14,29 @@ as it is enrolled, so an interrupted build continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import csv
-import re
 import sys
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
-from config import Settings
+from adaface.options import DEFAULT_TOP_K
 
-from . import calibrate as calibration
-from .errors import GalleryError, StoreUrlError
-from .galleries import Galleries, decide, photo_sha256
-from .store import NewFace, open_store
-from .transfer import export_gallery, import_gallery
+from gallery.galleries import Galleries, decide, photo_sha256
+from gallery.open import open_store
+from gallery.store import NewFace
+from gallery.transfer import export_gallery, import_gallery
+
+from .embed import model_overrides
+from .files import list_images
+from .labels import person_from_path, read_labels
+from .registry import command
 
 DEFAULT_GALLERY = "default"
-#: "alice_1", "alice-02", "alice 3", "alice (4)" -> "alice"
-NUMBER_SUFFIX = re.compile(r"(?:[ _-]+\d+|\s*\(\d+\))$")
-
-
-def person_from_path(path: Path, folder: Path, labels: dict | None = None) -> str:
-    """Who a photo shows: its label if given, else its first sub-folder under ``folder``, else its
-    file name without a trailing number."""
-    rel = path.relative_to(folder)
-    if labels:
-        for key in (rel.as_posix(), path.name):
-            if key in labels:
-                return labels[key]
-    if len(rel.parts) > 1:
-        return rel.parts[0]
-    return NUMBER_SUFFIX.sub("", path.stem) or path.stem
-
-
-def read_labels(csv_path: Path) -> dict:
-    """{image: identity} from a CSV with a header row (image, identity)."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
-    return {r[0].strip(): r[1].strip() for r in rows[1:] if len(r) >= 2 and r[0].strip()}
-
-
-def _url(args) -> str:
-    return args.url or Settings.from_env().gallery_url
-
-
-def _extractor(args):
-    from AdaFaceFeature import _extractor as make
-    return make(args)
-
-
-def _images(folder: Path) -> list:
-    from AdaFaceFeature import _list_images
-    return _list_images(folder)
+def _url(args, ctx) -> str:
+    """The store: ``--url``, or the settings' (``ADAFACE_GALLERY_URL``), relative paths resolved."""
+    settings = ctx.settings(**({"gallery_url": args.url} if args.url else {}))
+    return settings.gallery_store_url()
 
 
 def _print_error(exc: Exception) -> int:
@@ -77,7 +46,7 @@ def _print_error(exc: Exception) -> int:
 
 # -- gallery build -------------------------------------------------------------------------------
 
-def cmd_build(args) -> int:
+def cmd_build(args, ctx) -> int:
     from tqdm import tqdm
     if args.faces == "all":
         return _print_error(ValueError("build enrolls one face per photo: use --faces largest or score"))
@@ -85,11 +54,11 @@ def cmd_build(args) -> int:
     if not folder.is_dir():
         return _print_error(ValueError(f"{folder} is not a folder"))
     labels = read_labels(Path(args.labels)) if args.labels else None
-    store = open_store(_url(args))
+    store = open_store(_url(args, ctx))
     try:
         store.ensure_gallery(args.gallery)
         done = store.photo_hashes(args.gallery)
-        paths = _images(folder)
+        paths = list_images(folder)
         extractor = None
         added = already = 0
         no_face, failed = [], []
@@ -100,7 +69,7 @@ def cmd_build(args) -> int:
             if sha in done:
                 already += 1
                 continue
-            extractor = extractor or _extractor(args)
+            extractor = extractor or ctx.extractor(**model_overrides(args))
             try:
                 faces = extractor.embed_image(data, faces=args.faces, align_mode=args.align)
             except (OSError, ValueError) as exc:
@@ -154,14 +123,14 @@ def _text_line(record: dict) -> str:
     return f"{record['image']}: " + "; ".join(parts)
 
 
-def cmd_identify(args) -> int:
+def cmd_identify(args, ctx) -> int:
     import orjson
-    threshold = Settings.from_env().identify_threshold if args.threshold is None else args.threshold
-    galleries = Galleries.open(_url(args))
+    threshold = ctx.settings().identify_threshold if args.threshold is None else args.threshold
+    galleries = Galleries.open(_url(args, ctx))
     status = 0
     try:
         galleries.store.get_gallery(args.gallery)
-        extractor = _extractor(args)
+        extractor = ctx.extractor(**model_overrides(args))
         for name in args.images:
             try:
                 record = _identify_record(galleries, extractor, name, args, threshold)
@@ -180,100 +149,53 @@ def cmd_identify(args) -> int:
 
 # -- export, import, list ------------------------------------------------------------------------
 
-def cmd_export(args) -> int:
-    with closing(open_store(_url(args))) as store:
+def cmd_export(args, ctx) -> int:
+    with closing(open_store(_url(args, ctx))) as store:
         count = export_gallery(store, args.gallery, Path(args.file))
     print(f"wrote {count} faces of gallery {args.gallery} to {args.file}")
     return 0
 
 
-def cmd_import(args) -> int:
+def cmd_import(args, ctx) -> int:
     from tqdm import tqdm
-    with closing(open_store(_url(args))) as store, tqdm(desc=f"gallery {args.gallery}", unit="face") as bar:
+    with closing(open_store(_url(args, ctx))) as store, tqdm(desc=f"gallery {args.gallery}", unit="face") as bar:
         added, existing = import_gallery(store, args.gallery, Path(args.file), progress=bar.update)
     print(f"imported {added} faces into gallery {args.gallery} ({existing} were already there)")
     return 0
 
 
-def cmd_list(args) -> int:
-    with closing(open_store(_url(args))) as store:
+def cmd_list(args, ctx) -> int:
+    with closing(open_store(_url(args, ctx))) as store:
         for g in store.list_galleries():
             print(f"{g.name}\t{g.identities} identities\t{g.faces} faces")
     return 0
 
 
-# -- calibrate -----------------------------------------------------------------------------------
-
-def cmd_calibrate(args) -> int:
-    import orjson
-    from tqdm import tqdm
-    source = Path(args.source)
-    if source.is_dir():
-        labels = read_labels(Path(args.labels)) if args.labels else None
-        photos = {p.relative_to(source).as_posix(): person_from_path(p, source, labels) for p in _images(source)}
-        pairs, image_dir = calibration.folder_pairs(photos), source
-    else:
-        pairs, image_dir = calibration.read_pairs(source), Path(args.images) if args.images else source.parent
-    extractor = _extractor(args)
-
-    def embed(name: str):
-        faces = extractor.embed_image((image_dir / name).read_bytes(), faces="largest", align_mode=args.align)
-        return faces[0].embedding if faces else None
-
-    names = {n for a, b, _ in pairs for n in (a, b)}
-    with tqdm(total=len(names), desc="embedding", unit="photo") as bar:
-        scores = calibration.score_pairs(pairs, embed, progress=bar.update)
-    result = calibration.report(scores)
-    out = Path(args.out) if args.out else Path(source.stem + "_calibration.png")
-    result["plot"] = str(calibration.plot(scores, result, out))
-    if args.json:
-        sys.stdout.buffer.write(orjson.dumps(result) + b"\n")
-    else:
-        print(calibration.format_report(result))
-        print(f"plot: {result['plot']}")
-    return 0
-
-
 # -- argument parsing ----------------------------------------------------------------------------
 
-def _guarded(fn):
-    def run(args) -> int:
-        try:
-            return fn(args)
-        except (GalleryError, StoreUrlError) as exc:
-            return _print_error(exc)
-    return run
-
-
-def add_commands(sub, common) -> None:
-    """Add ``gallery`` and ``calibrate`` to AdaFaceFeature.py's subcommands (``common``: the model options)."""
+@command("gallery")
+def register(sub, parents) -> None:
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--url", help="gallery store (default: ADAFACE_GALLERY_URL)")
     store.add_argument("--gallery", default=DEFAULT_GALLERY, help=f"gallery name (default: {DEFAULT_GALLERY})")
+    model = parents.model
     gallery = sub.add_parser("gallery", help="build, search, export and import galleries")
     actions = gallery.add_subparsers(dest="action", required=True)
-    p = actions.add_parser("build", parents=[common, store], help="enroll a folder of photos, resumably")
+    p = actions.add_parser("build", parents=[model, store], help="enroll a folder of photos, resumably")
     p.add_argument("dir")
     p.add_argument("--labels", help="CSV (image,identity) naming who each photo shows")
-    p.set_defaults(func=_guarded(cmd_build))
-    p = actions.add_parser("identify", parents=[common, store], help="who is in each photo")
+    p.set_defaults(run=cmd_build)
+    p = actions.add_parser("identify", parents=[model, store], help="who is in each photo")
     p.add_argument("images", nargs="+")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--threshold", type=float, help="match threshold (default: ADAFACE_IDENTIFY_THRESHOLD)")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
-    p.set_defaults(func=_guarded(cmd_identify))
+    p.set_defaults(run=cmd_identify)
     p = actions.add_parser("export", parents=[store], help="write the gallery to .npz or .parquet")
     p.add_argument("file")
-    p.set_defaults(func=_guarded(cmd_export))
+    p.set_defaults(run=cmd_export)
     p = actions.add_parser("import", parents=[store], help="enroll faces from .npz or .parquet")
     p.add_argument("file")
-    p.set_defaults(func=_guarded(cmd_import))
+    p.set_defaults(run=cmd_import)
     p = actions.add_parser("list", parents=[store], help="list galleries")
-    p.set_defaults(func=_guarded(cmd_list))
-    p = sub.add_parser("calibrate", parents=[common], help="ROC, EER and thresholds from labelled pairs")
-    p.add_argument("source", help="pairs CSV (image_a,image_b,same_person) or a folder of labelled photos")
-    p.add_argument("--images", help="folder the CSV's image names are in (default: the CSV's folder)")
-    p.add_argument("--labels", help="with a folder: CSV (image,identity) naming who each photo shows")
-    p.add_argument("--out", help="PNG plot path (default: <name>_calibration.png)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.set_defaults(func=_guarded(cmd_calibrate))
+    p.set_defaults(run=cmd_list)

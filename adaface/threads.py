@@ -23,6 +23,8 @@ def _original(module: str, name: str):
 
 allocate_lock = _original("_thread", "allocate_lock")
 start_new_thread = _original("_thread", "start_new_thread")
+#: time.sleep that blocks the calling native thread, also under gevent
+native_sleep = _original("time", "sleep")
 
 
 def gevent_active() -> bool:

@@ -2,12 +2,12 @@
 
 Every decoder here returns a C-contiguous ``uint8`` array of shape ``(H, W, 3)`` in RGB order,
 with EXIF orientation applied. Bad input raises a subclass of :class:`ImageInputError`, whose
-``code`` and ``status`` class attributes an HTTP layer turns into a JSON error response.
+``code`` names the kind (the service maps it to an HTTP status).
 
 Decoded formats: JPEG (and its multi-picture variant MPO), PNG, WebP, BMP, GIF and TIFF; for
 animated or multi-page files only the first frame is read. Formats we recognise but do not decode
 (HEIC/HEIF, AVIF, JPEG XL, JPEG 2000, SVG, PDF, PSD, ICO, ...) raise
-:class:`UnsupportedImageFormatError` (415).
+:class:`UnsupportedImageFormatError`.
 
 Size limit: ``max_pixels`` (width x height) is checked from the header before any pixel is
 decoded. Pillow's own decompression-bomb check stays in force as well: it warns above
@@ -23,7 +23,8 @@ import struct
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
+from .errors import InputError
+from .options import MAX_PIXELS as DEFAULT_MAX_PIXELS
 
 # Pillow format names we decode. Pillow's JPEG opener also returns multi-picture JPEGs (many
 # phone photos), under the format name MPO.
@@ -49,27 +50,17 @@ _REFUSED_PREFIXES = (
 _BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 
 
-class ImageInputError(ValueError):
-    """Base class: the client sent something we cannot turn into an image (HTTP 4xx)."""
+class ImageInputError(InputError):
+    """Base class: the client sent something we cannot turn into an image."""
 
     code = "bad_image"
-    status = 400
     default_message = "the request does not contain a usable image"
-
-    def __init__(self, message: str | None = None):
-        super().__init__(message or self.default_message)
-
-    @property
-    def message(self) -> str:
-        """The human-readable explanation (same as ``str(exc)``)."""
-        return str(self)
 
 
 class EmptyImageError(ImageInputError):
     """Nothing to decode: an empty body or empty base64 text."""
 
     code = "empty_body"
-    status = 400
     default_message = "no image data was sent (empty body)"
 
 
@@ -77,7 +68,6 @@ class Base64DecodeError(ImageInputError):
     """The text is not valid base64 (after the tolerated variations)."""
 
     code = "bad_base64"
-    status = 400
     default_message = "the image text is not valid base64"
 
 
@@ -85,7 +75,6 @@ class NotAnImageError(ImageInputError):
     """The bytes are no image format we know, or an array of the wrong dtype/shape."""
 
     code = "not_an_image"
-    status = 400
     default_message = "the data is not an image in any format we recognise"
 
 
@@ -93,7 +82,6 @@ class TruncatedImageError(ImageInputError):
     """The file starts like a decodable image but ends early or breaks."""
 
     code = "truncated_image"
-    status = 400
     default_message = "the image data ends early (truncated or corrupt file)"
 
 
@@ -101,7 +89,6 @@ class UnsupportedImageFormatError(ImageInputError):
     """A recognised image or document format that we do not decode."""
 
     code = "unsupported_format"
-    status = 415
     default_message = "this image format is not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 
@@ -109,7 +96,6 @@ class ImageTooLargeError(ImageInputError):
     """Width x height is over the pixel limit (checked from the header)."""
 
     code = "image_too_large"
-    status = 413
     default_message = "the image has too many pixels"
 
 

@@ -1,0 +1,101 @@
+"""Every vocabulary, bound and default of the library, in one place.
+
+The settings (``config.py``), the HTTP query models (``serving/schemas.py``) and the command
+line take their choices, limits and defaults from here, so a value means the same everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import BadOptionError
+
+#: length of an AdaFace embedding
+EMBEDDING_SIZE = 512
+#: side of an aligned face crop, pixels
+CROP_SIZE = 112
+
+#: which faces of an image to embed: the largest box, the most confident (the reference's
+#: choice), or all of them in score order
+FACE_MODES = ("largest", "score", "all")
+#: auto: a 112×112 image is an already-aligned crop, anything else is detected; always: detect;
+#: never: the image must be a 112×112 crop
+ALIGN_MODES = ("auto", "always", "never")
+#: auto: ONNX Runtime on CPU, PyTorch on CUDA
+BACKENDS = ("auto", "torch", "onnx")
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+#: the weights value that builds deterministic random weights (embeddings mean nothing)
+SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An inclusive range of a numeric option."""
+
+    low: float
+    high: float
+
+    def check(self, name: str, value):
+        """``value`` if within [low, high], else a BadOptionError naming ``name``."""
+        if not self.low <= value <= self.high:
+            raise BadOptionError(f"{name} must be between {self.low} and {self.high}; got {value}")
+        return value
+
+
+MAX_FACES = Bound(1, 1000)              # faces per image with faces=all
+MIN_FACE_SIZE = Bound(1, 10_000)        # smallest face MTCNN looks for, pixels
+SIMILARITY = Bound(-1.0, 1.0)           # a cosine-similarity threshold
+TOP_K = Bound(1, 100)                   # identify candidates per face
+LIST_LIMIT = Bound(1, 1000)             # rows per page of a listing
+LIST_OFFSET = Bound(0, 2 ** 62)         # rows skipped; below SQLite's signed 64-bit integers
+
+DEFAULT_FACES = "largest"
+DEFAULT_ALIGN = "auto"
+DEFAULT_BACKEND = "auto"
+DEFAULT_DEVICE = "auto"
+DEFAULT_MAX_FACES = 20
+DEFAULT_MIN_FACE_SIZE = 20.0            # the reference's value
+#: decoded image size limit, pixels (Pillow's default ``Image.MAX_IMAGE_PIXELS``)
+MAX_PIXELS = 89_478_485
+DEFAULT_VERIFY_THRESHOLD = 0.35
+DEFAULT_IDENTIFY_THRESHOLD = 0.35
+DEFAULT_TOP_K = 5
+DEFAULT_LIST_LIMIT = 100
+#: faces per network forward when none is configured, by device type
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
+
+
+def choice(name: str, value: str, allowed: tuple) -> str:
+    """``value`` if it is one of ``allowed``, else a BadOptionError listing them."""
+    if value not in allowed:
+        raise BadOptionError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def default_max_batch(device_type: str) -> int:
+    """Faces per forward for a device type (``cpu``, ``cuda``) when none is configured."""
+    return DEFAULT_MAX_BATCH.get(device_type, DEFAULT_MAX_BATCH["cpu"])
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How one image is turned into crops (see :meth:`adaface.pipeline.Extractor.prepare`).
+
+    ``None`` fields take the extractor's own values; ``detect_max_side=0`` detects at full
+    resolution. :meth:`checked` raises BadOptionError for a value outside its vocabulary or bound.
+    """
+
+    faces: str = DEFAULT_FACES
+    align_mode: str = DEFAULT_ALIGN
+    max_faces: int | None = None
+    min_face_size: float | None = None
+    max_pixels: int | None = None
+    detect_max_side: int | None = None
+
+    def checked(self) -> "EmbedOptions":
+        choice("faces", self.faces, FACE_MODES)
+        choice("align", self.align_mode, ALIGN_MODES)
+        if self.max_faces is not None:
+            MAX_FACES.check("max_faces", self.max_faces)
+        if self.min_face_size is not None:
+            MIN_FACE_SIZE.check("min_face_size", self.min_face_size)
+        return self

@@ -1,0 +1,14 @@
+"""The route groups, one Flask Blueprint each, with each route's OpenAPI declaration beside it.
+
+- :mod:`.compat`: the original service's endpoints (``/b64_represent_json`` ...).
+- :mod:`.embed`: ``/v1/embed`` and ``/v1/verify``.
+- :mod:`.galleries`: ``/v1/galleries/...`` (1:N identification).
+- :mod:`.ops`: ``/``, ``/livez``, ``/readyz``, ``/info``, ``/metrics``, ``/openapi.json``.
+
+Adding a route: a view in its group's module, decorated with ``@blueprint.post(...)`` (or
+``get``...) and :func:`serving.openapi.document` (summary, query model, body, answers, error
+statuses); answer models sit beside the views (shared ones in :mod:`serving.schemas`).
+"""
+from . import compat, embed, galleries, ops
+
+BLUEPRINTS = (compat.blueprint, embed.blueprint, galleries.blueprint, ops.blueprint)

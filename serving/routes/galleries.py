@@ -1,0 +1,347 @@
+"""Gallery routes: create, list and delete galleries; enroll, list, rename and delete identities
+and faces; identify the people in a photo (``POST /v1/galleries/{gallery}/identify``).
+
+They go through the same API-key check, readiness gate and JSON errors as the rest, embed photos
+with the service's runner (the shared micro-batcher), and reach the store through
+``app.extensions["adaface_gallery"]`` (:class:`serving.gallery_state.GalleryState`).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal, Optional, Union
+
+import numpy as np
+from flask import Blueprint, current_app, request
+from pydantic import Field
+
+from adaface import options as opt
+from adaface.decode import decode_base64, looks_like_image
+from adaface.errors import NoFaceError
+from gallery.galleries import decide, photo_sha256
+from gallery.store import NewFace
+
+from .. import requests
+from ..errors import ApiError, error_entry
+from ..openapi import Reply, document
+from ..responses import json_response
+from ..schemas import (BASE64_IMAGE, FILES, RAW_IMAGE, Answer, EmbedQuery, EmbedRequest, Error, FaceGeometry, Query,
+                       ThresholdQuery)
+from ..service import current
+
+blueprint = Blueprint("galleries", __name__, url_prefix="/v1/galleries")
+
+GALLERY = {"gallery": "gallery name: letters, digits, '_', '.', '-' (1 to 64)"}
+GALLERY_IDENTITY = {**GALLERY, "identity": "identity name (no '/')"}
+IMAGE_BODY = {"application/octet-stream": RAW_IMAGE, "text/plain": BASE64_IMAGE,
+              "application/json": EmbedRequest, "multipart/form-data": FILES}
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+class ListQuery(Query):
+    limit: int = Field(opt.DEFAULT_LIST_LIMIT, ge=opt.LIST_LIMIT.low, le=opt.LIST_LIMIT.high,
+                       description="identities per page")
+    offset: int = Field(0, ge=opt.LIST_OFFSET.low, le=opt.LIST_OFFSET.high, description="identities skipped")
+
+
+class EnrollQuery(EmbedQuery):
+    faces: Optional[Literal[tuple(m for m in opt.FACE_MODES if m != "all")]] = Field(
+        None, description="which face of each photo is enrolled: the largest (default) or the most confident")
+
+
+class IdentifyQuery(EmbedQuery, ThresholdQuery):
+    top_k: int = Field(opt.DEFAULT_TOP_K, ge=opt.TOP_K.low, le=opt.TOP_K.high, description="candidates per face")
+
+
+class NewGallery(Answer):
+    name: str
+
+
+class IdentityChange(Answer):
+    name: Optional[str] = Field(None, description="the new name")
+    metadata: Optional[dict] = Field(None, description="replaces the identity's metadata")
+
+
+class GalleryOut(Answer):
+    name: str
+    identities: int
+    faces: int
+    version: int
+    created_at: str
+
+
+class GalleryList(Answer):
+    galleries: list[GalleryOut]
+
+
+class FaceOut(Answer):
+    id: int
+    norm: float
+    photo_sha256: str
+    created_at: str
+
+
+class IdentityOut(Answer):
+    name: str
+    metadata: Optional[dict]
+    face_count: int
+    created_at: str
+    faces: Optional[list[FaceOut]] = None
+
+
+class IdentityList(Answer):
+    gallery: str
+    limit: int
+    offset: int
+    identities: list[IdentityOut]
+
+
+class Deleted(Answer):
+    deleted: Union[int, str]
+    faces_removed: Optional[int] = None
+
+
+class EnrolledFace(FaceGeometry):
+    face_id: int
+    photo_sha256: str
+    status: Literal["added", "exists"]
+
+
+class Enrollment(Answer):
+    gallery: str
+    identity: Optional[IdentityOut]
+    added: int
+    results: list[Union[EnrolledFace, Error]]
+
+
+class CandidateOut(Answer):
+    identity: str
+    similarity: float
+    face_id: int
+    photo_sha256: str
+    metadata: Optional[dict]
+
+
+class IdentifiedFace(FaceGeometry):
+    decision: Literal["match", "unknown"]
+    identity: Optional[str]
+    similarity: Optional[float]
+    candidates: list[CandidateOut]
+
+
+class Identification(Answer):
+    model: str
+    gallery: str
+    threshold: float
+    top_k: int
+    faces: list[IdentifiedFace]
+
+
+# -- JSON forms ------------------------------------------------------------------------------------
+
+def _time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _gallery_dict(g) -> dict:
+    return {"name": g.name, "identities": g.identities, "faces": g.faces, "version": g.version,
+            "created_at": _time(g.created_at)}
+
+
+def _face_dict(f) -> dict:
+    return {"id": f.id, "norm": f.norm, "photo_sha256": f.photo_sha256, "created_at": _time(f.created_at)}
+
+
+def _identity_dict(i, with_faces: bool = False) -> dict:
+    out = {"name": i.name, "metadata": i.metadata, "face_count": i.face_count, "created_at": _time(i.created_at)}
+    if with_faces:
+        out["faces"] = [_face_dict(f) for f in i.faces]
+    return out
+
+
+def _geometry(face) -> dict:
+    return {**face.geometry(), "norm": face.norm}
+
+
+# -- request parsing -------------------------------------------------------------------------------
+
+def _metadata_arg():
+    """``metadata`` from a JSON body's field or a multipart form field holding JSON text."""
+    if requests.is_json(request):
+        metadata = (request.get_json(silent=True) or {}).get("metadata")
+    elif request.mimetype == "multipart/form-data" and request.form.get("metadata"):
+        import orjson
+        try:
+            metadata = orjson.loads(request.form["metadata"])
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "bad_json", "the metadata form field is not valid JSON") from None
+    else:
+        return None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ApiError(400, "bad_json", "metadata must be a JSON object")
+    return metadata
+
+
+def photo_bytes(data) -> bytes:
+    """The photo file's bytes, however it was sent (raw or base64), so its sha256 is the same."""
+    try:
+        if isinstance(data, str):
+            return decode_base64(data)
+        data = bytes(data)
+        return data if looks_like_image(data) else decode_base64(data)
+    except ValueError:
+        return bytes(data, "utf-8") if isinstance(data, str) else bytes(data)
+
+
+def _state():
+    return current_app.extensions["adaface_gallery"]
+
+
+# -- galleries -------------------------------------------------------------------------------------
+
+@blueprint.get("")
+@document("List galleries with identity and face counts", {200: Reply("galleries", GalleryList)},
+          errors=(401, 503))
+def list_galleries():
+    return json_response({"galleries": [_gallery_dict(g) for g in _state().call("list_galleries")]})
+
+
+@blueprint.post("")
+@document("Create a gallery", {201: Reply("the new gallery", GalleryOut)}, body={"application/json": NewGallery},
+          errors=(400, 401, 409, 503))
+def create_gallery():
+    name = requests.json_object(request).get("name")
+    return json_response(_gallery_dict(_state().call("create_gallery", name)), status=201)
+
+
+@blueprint.get("/<gallery>")
+@document("A gallery's counts and version", {200: Reply("gallery", GalleryOut)}, path_params=GALLERY,
+          errors=(401, 404, 503))
+def get_gallery(gallery):
+    return json_response(_gallery_dict(_state().call("get_gallery", gallery)))
+
+
+@blueprint.delete("/<gallery>")
+@document("Delete a gallery and everything in it", {200: Reply("deleted", Deleted)}, path_params=GALLERY,
+          errors=(401, 404, 503))
+def delete_gallery(gallery):
+    _state().call("delete_gallery", gallery)
+    return json_response({"deleted": gallery})
+
+
+# -- identities and faces --------------------------------------------------------------------------
+
+@blueprint.get("/<gallery>/identities")
+@document("List identities by name", {200: Reply("identities with face counts", IdentityList)}, query=ListQuery,
+          path_params=GALLERY, errors=(400, 401, 404, 503))
+def list_identities(gallery):
+    query = requests.parse_query(ListQuery, request.args)
+    found = _state().call("list_identities", gallery, query.limit, query.offset)
+    return json_response({"gallery": gallery, "limit": query.limit, "offset": query.offset,
+                          "identities": [_identity_dict(i) for i in found]})
+
+
+@blueprint.get("/<gallery>/identities/<identity>")
+@document("An identity with its faces", {200: Reply("identity", IdentityOut)}, path_params=GALLERY_IDENTITY,
+          errors=(401, 404, 503))
+def get_identity(gallery, identity):
+    return json_response(_identity_dict(_state().call("get_identity", gallery, identity), with_faces=True))
+
+
+@blueprint.patch("/<gallery>/identities/<identity>")
+@document("Rename an identity and/or replace its metadata", {200: Reply("the updated identity", IdentityOut)},
+          body={"application/json": IdentityChange}, path_params=GALLERY_IDENTITY,
+          errors=(400, 401, 404, 409, 503))
+def update_identity(gallery, identity):
+    body = requests.json_object(request)
+    if set(body) - set(IdentityChange.model_fields) or not body:
+        raise ApiError(400, "bad_json", 'send {"name": "<new name>"} and/or {"metadata": {...}}')
+    updated = _state().call("update_identity", gallery, identity, body.get("name"), body.get("metadata"))
+    return json_response(_identity_dict(updated, with_faces=True))
+
+
+@blueprint.delete("/<gallery>/identities/<identity>")
+@document("Delete an identity and its faces", {200: Reply("deleted", Deleted)}, path_params=GALLERY_IDENTITY,
+          errors=(401, 404, 503))
+def delete_identity(gallery, identity):
+    removed = _state().call("delete_identity", gallery, identity)
+    return json_response({"deleted": identity, "faces_removed": removed})
+
+
+@blueprint.post("/<gallery>/identities/<identity>/faces")
+@document("Enroll one or more photos for an identity (created if new)",
+          {200: Reply("every photo was already enrolled (status \"exists\"), or none gave a face", Enrollment),
+           201: Reply("faces added", Enrollment)},
+          description="One photo: raw or base64 body, JSON {\"image\"}, or one multipart file; several: JSON "
+                      "{\"images\": [...]} or several files (a bad photo is an error entry). The chosen face of "
+                      "each photo is stored; a photo (same sha256) already enrolled for the identity is not "
+                      "stored again. Optional metadata (a JSON field, or a form field of JSON text) replaces "
+                      "the identity's.",
+          query=EnrollQuery, body=IMAGE_BODY, path_params=GALLERY_IDENTITY,
+          errors=(400, 401, 404, 413, 415, 422, 503))
+def enroll(gallery, identity):
+    service, state = current(), _state()
+    inputs, batch = requests.image_inputs(request, service.settings.max_images)
+    metadata = _metadata_arg()
+    query = requests.parse_query(EnrollQuery, request.args)
+    if query.faces is None and service.settings.faces == "all":
+        query = query.model_copy(update={"faces": "largest"})
+    state.call("get_gallery", gallery)  # a missing gallery fails before any embedding work
+    results = service.embed(inputs, query)
+    if not batch:
+        results[0].require_faces()
+    entries, faces = [], []
+    for data, result in zip(inputs, results):
+        failure = result.failure()
+        if failure is not None:
+            entries.append(error_entry(failure))
+            continue
+        face = result.faces[0]
+        faces.append(NewFace(face.embedding, face.norm, photo_sha256(photo_bytes(data))))
+        entries.append(_geometry(face))
+    if not faces:
+        return json_response({"gallery": gallery, "identity": None, "added": 0, "results": entries})
+    enrolled = state.call("enroll", gallery, identity, faces, metadata)
+    records = iter(enrolled.faces)
+    for entry in entries:
+        if "error" not in entry:
+            record, new = next(records)
+            entry.update({"face_id": record.id, "photo_sha256": record.photo_sha256,
+                          "status": "added" if new else "exists"})
+    body = {"gallery": gallery, "identity": _identity_dict(enrolled.identity), "added": enrolled.added,
+            "results": entries}
+    return json_response(body, status=201 if enrolled.added else 200)
+
+
+@blueprint.delete("/<gallery>/faces/<int:face_id>")
+@document("Delete one face", {200: Reply("deleted", Deleted)},
+          path_params={**GALLERY, "face_id": "the face's id (from enroll or the identity)"}, errors=(401, 404, 503))
+def delete_face(gallery, face_id):
+    _state().call("delete_face", gallery, face_id)
+    return json_response({"deleted": face_id})
+
+
+# -- identify --------------------------------------------------------------------------------------
+
+@blueprint.post("/<gallery>/identify")
+@document("Who is in this photo? Top-k identities by cosine similarity, match or unknown",
+          {200: Reply("per face: decision, identity, similarity, candidates", Identification)},
+          description="faces=all identifies every face of a group photo; threshold overrides "
+                      "ADAFACE_IDENTIFY_THRESHOLD.",
+          query=IdentifyQuery, body=IMAGE_BODY, path_params=GALLERY, errors=(400, 401, 404, 413, 415, 422, 503))
+def identify(gallery):
+    service, state = current(), _state()
+    inputs, _ = requests.image_inputs(request, 1)
+    query = requests.parse_query(IdentifyQuery, request.args)
+    threshold = service.settings.identify_threshold if query.threshold is None else query.threshold
+    state.call("get_gallery", gallery)
+    found = service.embed(inputs, query)[0].require_faces()
+    per_face = state.call("identify", gallery, np.stack([f.embedding for f in found]), query.top_k)
+    faces = []
+    for face, candidates in zip(found, per_face):
+        decision, best = decide(candidates, threshold)
+        faces.append({**_geometry(face), "decision": decision, "identity": best.identity if best else None,
+                      "similarity": candidates[0].similarity if candidates else None,
+                      "candidates": [c.to_dict() for c in candidates]})
+    return json_response({"model": service.model, "gallery": gallery, "threshold": threshold,
+                          "top_k": query.top_k, "faces": faces}, headers=service.embedding_headers())

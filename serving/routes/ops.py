@@ -1,0 +1,144 @@
+"""Operations: ``/`` (index), ``/livez``, ``/readyz``, ``/info``, ``/metrics``, ``/openapi.json``."""
+from __future__ import annotations
+
+import platform
+from typing import Literal, Optional
+
+import torch
+from flask import Blueprint, Response, current_app
+
+from ..errors import error_response
+from ..openapi import Reply, build_spec, document
+from ..responses import json_response
+from ..schemas import Answer, Error
+from ..service import current
+
+blueprint = Blueprint("ops", __name__)
+
+PACKAGES = ("torch", "numpy", "pillow", "opencv-python-headless", "flask", "gunicorn", "gevent")
+TITLE = "AdaFace embedding service"
+VERSION = "1.0.0"
+
+
+class Index(Answer):
+    service: Literal["adaface"]
+    model: str
+    openapi: str
+
+
+class Alive(Answer):
+    status: Literal["alive"]
+
+
+class Ready(Answer):
+    status: Literal["ready"]
+    model: str
+
+
+class Batching(Answer):
+    max_batch: int
+    max_wait_ms: float
+    max_queue: int
+
+
+class Defaults(Answer):
+    faces: str
+    align: str
+    max_faces: int
+    min_face_size: float
+    detect_max_side: int
+    verify_threshold: float
+
+
+class Limits(Answer):
+    max_body_bytes: int
+    max_pixels: int
+    max_images: int
+
+
+class Info(Answer):
+    arch: str
+    weights: str
+    weights_sha256: Optional[str]
+    synthetic: bool
+    device: str
+    backend: str
+    embedding_size: int
+    max_batch: int
+    model: str
+    ready: bool
+    threads: int
+    batching: Batching
+    defaults: Defaults
+    limits: Limits
+    auth: bool
+    versions: dict[str, str]
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+@blueprint.get("/")
+@document("Service index", {200: Reply("name, model and where this description is", Index)})
+def index():
+    service = current()
+    return json_response({"service": "adaface", "model": service.model, "openapi": "/openapi.json"})
+
+
+@blueprint.get("/livez")
+@document("Liveness: the process answers (never waits for inference)", {200: Reply("alive", Alive)})
+def livez():
+    return json_response({"status": "alive"})
+
+
+@blueprint.get("/readyz")
+@document("Readiness: the model is loaded and a warm-up embedding succeeded", {200: Reply("ready", Ready)},
+          errors=(503,))
+def readyz():
+    service = current()
+    if service.ready:
+        return json_response({"status": "ready", "model": service.model})
+    return error_response(503, "not_ready", service.not_ready_reason, {"Retry-After": "2"})
+
+
+@blueprint.get("/info")
+@document("Model, weights (path and sha256), device, threads, batching, limits, versions",
+          {200: Reply("info", Info)}, errors=(401,))
+def info():
+    service = current()
+    s, runner = service.settings, service.runner
+    return json_response({
+        **service.extractor.info(), "max_batch": runner.max_batch, "model": service.model, "ready": service.ready,
+        "threads": torch.get_num_threads(),
+        "batching": {"max_batch": runner.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue},
+        "defaults": {"faces": s.faces, "align": s.align, "max_faces": s.max_faces,
+                     "min_face_size": s.min_face_size, "detect_max_side": s.detect_max_side,
+                     "verify_threshold": s.verify_threshold},
+        "limits": {"max_body_bytes": s.max_body_bytes, "max_pixels": s.max_pixels, "max_images": s.max_images},
+        "auth": service.auth.enabled, "versions": _versions()})
+
+
+@blueprint.get("/metrics")
+@document("Prometheus metrics", {200: Reply("text exposition format", {"type": "string"}, "text/plain")})
+def metrics():
+    body, content_type = current().metrics.exposition()
+    return Response(body, content_type=content_type)
+
+
+@blueprint.get("/openapi.json")
+@document("This description", {200: Reply("OpenAPI 3.1 document", {"type": "object"})})
+def openapi():
+    service = current()
+    if service.openapi is None:
+        description = ("Face photos in, 512-d AdaFace IR-101 embeddings out (cosine similarity compares them; "
+                       f"default same-person threshold {service.settings.verify_threshold}).")
+        service.openapi = build_spec(current_app, TITLE, VERSION, description, Error)
+    return json_response(service.openapi)
