@@ -12,6 +12,7 @@ Blueprints of :mod:`serving.routes`; this module only reads the settings and wir
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -42,13 +43,13 @@ def create_app(config: Settings | dict | None = None, extractor: AdaFaceFeature 
     settings, or None (the environment alone). ``extractor`` reuses an already-loaded model."""
     settings = _settings_from(config)
     memory.limit_arenas(settings.malloc_arenas)
-    memory.set_onednn_cache(settings.onednn_cache)  # before the model's first convolution
+    memory.set_onednn_cache(settings.onednn_cache, os.environ)  # before the model's first convolution
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     extractor = extractor or AdaFaceFeature.from_settings(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    service = Service(settings, extractor)
+    service = Service(settings, extractor, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     app.extensions["adaface"] = service
     app.extensions["adaface_gallery"] = GalleryState(settings.gallery_store_url())
     errors.register(app)

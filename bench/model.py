@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         for backend in args.backends.split(","):
             extractor = AdaFaceFeature("synthetic", arch=args.arch, device="cpu", backend=backend, cache_dir=cache)
             for batch in (int(b) for b in args.batches.split(",")):
-                row = {"backend": backend, **measure(extractor.forward, batch, args.seconds)}
+                row = {"backend": backend, **measure(extractor.backend, batch, args.seconds)}
                 row["gflops"] = row["faces_per_s"] * gflop
                 results.append(row)
                 if not args.json:

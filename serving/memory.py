@@ -14,7 +14,6 @@ grew from 0.8 GB to 2.4 GB and kept growing, for three reasons.
 All three are no-ops where they do not apply (not glibc, or a value already chosen).
 """
 import ctypes
-import os
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
@@ -35,11 +34,12 @@ def limit_arenas(count: int) -> bool:
     return bool(libc.mallopt(M_ARENA_MAX, count))
 
 
-def set_onednn_cache(capacity: int) -> None:
+def set_onednn_cache(capacity: int, environ) -> None:
     """Keep at most ``capacity`` compiled oneDNN primitives, unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
-    is set already; oneDNN reads it once, at its first primitive, so call this before any."""
+    is set already in ``environ`` (the process environment, which the entry point passes); oneDNN
+    reads it once, at its first primitive, so call this before any."""
     if capacity > 0:
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+        environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def release_free_heap() -> None:

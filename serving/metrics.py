@@ -1,9 +1,10 @@
 """Prometheus metrics, correct with several gunicorn workers.
 
-When ``PROMETHEUS_MULTIPROC_DIR`` is set (``gunicorn.conf.py`` sets it), every worker writes its
-samples there and ``/metrics`` aggregates all live workers; otherwise one process's registry.
+When ``PROMETHEUS_MULTIPROC_DIR`` is set (``gunicorn.conf.py`` sets it; the app factory passes
+it as ``multiprocess_dir``), every worker writes its samples there and ``/metrics`` aggregates
+all live workers; otherwise one process's registry.
 """
-import os
+from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -11,14 +12,11 @@ from prometheus_client import multiprocess
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 
-def multiprocess_dir():
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
-
-
 class Metrics:
     """The service's metrics on a private registry (so tests can build many apps)."""
 
-    def __init__(self):
+    def __init__(self, multiprocess_dir: str | None = None):
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("adaface_requests_total", "HTTP requests by route and status",
@@ -50,7 +48,7 @@ class Metrics:
 
     def exposition(self) -> tuple:
         """(body bytes, content type) for ``GET /metrics``."""
-        if multiprocess_dir():
+        if self.multiprocess_dir:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -22,12 +22,13 @@ logger = logging.getLogger("adaface")
 
 
 class Service:
-    """The worker's state; ``settings`` is the entry point's settings object (read, never parsed here)."""
+    """The worker's state; ``settings`` is the entry point's settings object (read, never parsed
+    here); ``metrics_dir`` is Prometheus's multiprocess folder, when there is one."""
 
-    def __init__(self, settings, extractor):
+    def __init__(self, settings, extractor, metrics_dir: str | None = None):
         self.settings = settings
         self.extractor = extractor
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         self.runner = InferenceRunner(extractor, settings, self.metrics)
         self.auth = ApiKeyAuth(settings.api_key_list())
         self.model = f"adaface-{extractor.arch}"

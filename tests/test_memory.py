@@ -22,11 +22,11 @@ def glibc() -> bool:
 
 def test_onednn_cache_is_set_only_when_unset(monkeypatch):
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    memory.set_onednn_cache(0)
+    memory.set_onednn_cache(0, os.environ)
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
-    memory.set_onednn_cache(256)
+    memory.set_onednn_cache(256, os.environ)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
-    memory.set_onednn_cache(64)  # the operator's (or an earlier) choice wins
+    memory.set_onednn_cache(64, os.environ)  # the operator's (or an earlier) choice wins
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
 
 
