@@ -32,7 +32,7 @@ from adaface.faces import Face, FaceCrop, PreparedImage
 from adaface.model import crops_to_tensor
 from adaface.options import ALIGN_MODES, EMBEDDING_SIZE, FACE_MODES, SYNTHETIC
 from adaface.pipeline import Extractor
-from config import Settings
+from config import Settings, SettingsError
 from face_alignment import DetectorParams
 
 #: the old name of :class:`adaface.errors.InputError`
@@ -67,8 +67,12 @@ def _context() -> cli.Context:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python AdaFaceFeature.py ...``; the exit status."""
-    return cli.main(sys.argv[1:] if argv is None else argv, _context())
+    """``python AdaFaceFeature.py ...``; the exit status (2 for a bad setting)."""
+    try:
+        return cli.main(sys.argv[1:] if argv is None else argv, _context())
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class Settings:
     # batching across requests
     max_batch: int = 0                      # faces per forward; 0: 8 on CPU, 32 on CUDA
     max_wait_ms: float = 2.0                # how long a forward waits for more faces
-    max_queue: int = 64                     # faces waiting for a forward before 503
+    max_queue: int = 64                     # images in flight per worker before 503 busy
     # memory (serving/memory.py)
     malloc_arenas: int = 2                  # glibc heaps per worker process; 0: glibc's default (8 per core)
     onednn_cache: int = 256                 # compiled oneDNN primitives kept; 0: oneDNN's default (1024)

@@ -19,6 +19,7 @@ import torch
 from flask import Flask
 
 import net
+from adaface.backends import BackendError
 from AdaFaceFeature import AdaFaceFeature
 from config import Settings, SettingsError
 from serving import errors, hooks, memory
@@ -71,7 +72,7 @@ def _app_from_environment() -> Flask:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return create_app(settings)
-    except (net.WeightsError, ValueError) as exc:
+    except (net.WeightsError, BackendError, ValueError) as exc:
         logger.error("cannot start: %s", exc)
         sys.exit(4)
 

@@ -7,6 +7,7 @@ document is built from. The models forbid extra fields, so an answer that gains 
 without its model fails here.
 """
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -155,3 +156,16 @@ def test_service_runs_a_48_face_forward(extractor):
     batches = app.test_client().get("/metrics").get_data(as_text=True)
     assert "adaface_batch_size_sum 48.0" in batches
     assert app.test_client().get("/info").get_json()["batching"]["max_batch"] == 48
+
+
+def test_the_readme_lists_every_error_code_with_its_status():
+    from conftest import REPO
+    from serving.errors import STATUS
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("| ") and line[2:5].isdigit():
+            statuses = [int(part) for part in line.split("|")[1].replace("/", " ").split()]
+            for code in re.findall(r"`([a-z0-9_]+)`", line.split("|")[2]):
+                rows[code] = statuses
+    missing = {code: status for code, status in STATUS.items() if status not in rows.get(code, ())}
+    assert missing == {}
