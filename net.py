@@ -39,10 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from adaface.options import EMBEDDING_SIZE
 
-EMBEDDING_SIZE = 512
-INPUT_SIZE = 112
+logger = logging.getLogger(__name__)
 
 # Units per stage for each architecture (mk-minchul/AdaFace get_blocks).
 ARCHS: dict[str, tuple[int, int, int, int]] = {

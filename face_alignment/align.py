@@ -9,7 +9,7 @@ and moves the crop by up to several grey levels on average.
 import cv2
 import numpy as np
 
-CROP_SIZE = 112
+from adaface.options import CROP_SIZE
 
 #: Template points (x, y) in the 112×112 crop: left eye, right eye, nose, left and right mouth
 #: corner (the 96×112 template shifted right by 8 px to make it square).
