@@ -81,6 +81,8 @@ class Settings:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"{_variable(name)}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"{_variable('log_level')}={self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         for name, bound in _BOUNDS.items():
             value = getattr(self, name)
             if not bound.low <= value <= bound.high:
@@ -144,9 +146,8 @@ class Settings:
         return keys
 
 
-_CHOICES = {"faces": opt.FACE_MODES, "align": opt.ALIGN_MODES, "backend": opt.BACKENDS,
-            "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "debug", "info", "warning", "error",
-                          "critical")}
+_CHOICES = {"faces": opt.FACE_MODES, "align": opt.ALIGN_MODES, "backend": opt.BACKENDS}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BOUNDS = {"max_faces": opt.MAX_FACES, "min_face_size": opt.MIN_FACE_SIZE,
            "verify_threshold": opt.SIMILARITY, "identify_threshold": opt.SIMILARITY}
 _NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_wait_ms", "max_queue", "malloc_arenas",

@@ -71,10 +71,9 @@ class ImageFaces:
 
     def require_faces(self) -> list:
         """The faces; raises the input's error, or :class:`NoFaceError` when none was found."""
-        if self.error is not None:
-            raise self.error
-        if not self.faces:
-            raise NoFaceError()
+        failure = self.failure()
+        if failure is not None:
+            raise failure
         return self.faces
 
     def failure(self) -> Optional[Exception]:

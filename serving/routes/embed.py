@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from flask import Blueprint, Response, request
 
-from adaface.errors import NoFaceError
 from adaface.options import EMBEDDING_SIZE
 
 from .. import requests
@@ -77,8 +76,7 @@ def verify():
         failure = result.failure()
         if failure is not None:
             status, code, message = client_error(failure)
-            raise ApiError(status, code, f"image{i}: {message}" if not isinstance(failure, NoFaceError)
-                           else f"image{i}: no face was found")
+            raise ApiError(status, code, f"image{i}: {message}")
     a, b = results[0].faces[0], results[1].faces[0]
     similarity = float(np.dot(a.embedding, b.embedding))
     return json_response({"model": service.model, "similarity": similarity,
