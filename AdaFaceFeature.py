@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 
 import cli
+import net
+from adaface.backends import BackendError
 from adaface.device import resolve_device
 from adaface.errors import BadOptionError, InputError, NoFaceError, NotAlignedError
 from adaface.faces import Face, FaceCrop, PreparedImage
@@ -60,10 +62,20 @@ class AdaFaceFeature(Extractor):
                    backend=s.backend, cache_dir=s.cache_path())
 
 
+def _load_extractor(**overrides) -> AdaFaceFeature:
+    """The model of the settings with the command line's ``overrides``; a bad setting is a
+    :class:`SettingsError`, weights, a device or a backend that cannot be used a
+    :class:`cli.ModelLoadError` (a ValueError here is a device that does not exist)."""
+    settings = Settings.from_env(**overrides)
+    try:
+        return AdaFaceFeature.from_settings(settings)
+    except (net.WeightsError, BackendError, ValueError) as exc:
+        raise cli.ModelLoadError(str(exc)) from exc
+
+
 def _context() -> cli.Context:
     """What the commands may know of the settings: read here, at the entry point, only."""
-    return cli.Context(settings=Settings.from_env,
-                       extractor=lambda **overrides: AdaFaceFeature.from_settings(Settings.from_env(**overrides)))
+    return cli.Context(settings=Settings.from_env, extractor=_load_extractor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEFAULT_WEIGHTS := pretrained/adaface_ir101_webface12m.ckpt
-DOWNLOADED_WEIGHTS := pretrained/adaface_ir101_webface12m.safetensors
 
 .PHONY: install run test weights bench clean
 
@@ -20,11 +18,11 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 weights: $(STAMP)
 	$(BIN)/python tools/fetch_weights.py
 
-# Start the service on port 30035. Downloads the weights first when none are configured or present;
-# if that fails the server exits at once saying where to get them (ADAFACE_WEIGHTS=synthetic to try it).
+# Start the service on port 30035. The weights are checked first (and downloaded when none are
+# configured or present); without them this stops before gunicorn starts, saying what to do
+# (ADAFACE_WEIGHTS=synthetic to try the service).
 run: $(STAMP)
-	@if [ -z "$$ADAFACE_WEIGHTS" ] && [ ! -e $(DEFAULT_WEIGHTS) ] && [ ! -e $(DOWNLOADED_WEIGHTS) ]; then \
-		$(MAKE) --no-print-directory weights || true; fi
+	@$(BIN)/python tools/check_weights.py
 	$(BIN)/gunicorn -c gunicorn.conf.py flask_http_server:app
 
 test: $(STAMP)

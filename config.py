@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -26,6 +27,14 @@ DEFAULT_WEIGHTS = "pretrained/adaface_ir101_webface12m.ckpt"
 #: What ``make weights`` downloads (the CVLFace release on Hugging Face); used when the default
 #: ``.ckpt`` is absent and ADAFACE_WEIGHTS is not set.
 DOWNLOADED_WEIGHTS = "pretrained/adaface_ir101_webface12m.safetensors"
+#: What to do without weights: the server's, ``make run``'s and ``make weights``' last words.
+NO_WEIGHTS_HELP = (
+    "Three ways forward:\n"
+    "  1. `make weights` downloads them from Hugging Face (minchul/cvlface_adaface_ir101_webface12m);\n"
+    f"  2. put a released checkpoint at {DEFAULT_WEIGHTS} (the AdaFace README's Google Drive links),"
+    " or point ADAFACE_WEIGHTS at one;\n"
+    "  3. `ADAFACE_WEIGHTS=synthetic make run` tries the service with random weights (the embeddings mean nothing)."
+)
 PREFIX = "ADAFACE_"
 
 
@@ -52,7 +61,10 @@ class Settings:
     detect_max_side: int = 0                # detect on a copy shrunk to this side; 0: full resolution
     max_detect: int = 0                     # images decoded and detected at once per worker; 0: cores / threads
     # limits
-    max_pixels: int = opt.MAX_PIXELS        # decoded image size limit (Pillow's default)
+    max_pixels: int = opt.MAX_PIXELS        # decoded image size limit, pixels (a 50 MP photo and a little more)
+    pixel_budget: float = 64.0              # megapixels of large images decoded and detected at once per worker
+    large_image: float = 16.0               # megapixels above which an image takes the large-image lane
+    body_timeout: float = 60.0              # seconds to receive a request body before 408
     max_body_bytes: int = 32 * 1024 * 1024  # request body limit
     max_images: int = 32                    # images per /v1/embed request
     # batching across requests
@@ -83,6 +95,11 @@ class Settings:
                 raise SettingsError(f"{_variable(name)}={getattr(self, name)!r}: use one of {', '.join(allowed)}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"{_variable('log_level')}={self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+        if self.arch and self.arch not in opt.ARCH_NAMES:
+            raise SettingsError(f"{_variable('arch')}={self.arch!r}: use one of {', '.join(opt.ARCH_NAMES)}, "
+                                "or leave it empty to read it from the weights")
+        if not re.fullmatch(opt.DEVICE_PATTERN, self.device.strip().lower()):
+            raise SettingsError(f"{_variable('device')}={self.device!r}: use {opt.DEVICE_FORMS}")
         for name, bound in _BOUNDS.items():
             value = getattr(self, name)
             if not bound.low <= value <= bound.high:
@@ -148,11 +165,12 @@ class Settings:
 
 _CHOICES = {"faces": opt.FACE_MODES, "align": opt.ALIGN_MODES, "backend": opt.BACKENDS}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_BOUNDS = {"max_faces": opt.MAX_FACES, "min_face_size": opt.MIN_FACE_SIZE,
+_BOUNDS = {"max_faces": opt.MAX_FACES, "min_face_size": opt.MIN_FACE_SIZE, "max_pixels": opt.PIXEL_CEILING,
            "verify_threshold": opt.SIMILARITY, "identify_threshold": opt.SIMILARITY}
-_NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_wait_ms", "max_queue", "malloc_arenas",
+_NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_wait_ms", "malloc_arenas",
                  "onednn_cache")
-_POSITIVE = ("max_pixels", "max_body_bytes", "max_images", "workers", "timeout")
+_POSITIVE = ("max_body_bytes", "max_images", "max_queue", "workers", "timeout", "pixel_budget", "large_image",
+             "body_timeout")
 #: ADAFACE_* variables that are not settings but are read by tools (the tests' data folder)
 OTHER_VARIABLES = {PREFIX + "TEST_DATA"}
 

@@ -21,7 +21,7 @@ from flask import Flask
 import net
 from adaface.backends import BackendError
 from AdaFaceFeature import AdaFaceFeature
-from config import Settings, SettingsError
+from config import NO_WEIGHTS_HELP, Settings, SettingsError
 from serving import errors, hooks, memory
 from serving.gallery_state import GalleryState
 from serving.hooks import OPEN_ROUTES
@@ -72,6 +72,9 @@ def _app_from_environment() -> Flask:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return create_app(settings)
+    except net.WeightsNotFoundError as exc:
+        logger.error("cannot start: %s\n%s", exc, NO_WEIGHTS_HELP)
+        sys.exit(4)
     except (net.WeightsError, BackendError, ValueError) as exc:
         logger.error("cannot start: %s", exc)
         sys.exit(4)

@@ -7,19 +7,35 @@ such as ``-w 3`` or ``-b`` still win. Values come from the ``ADAFACE_*`` setting
 CPU inference: one worker by default, so that every request shares one model and one batcher
 (batching across requests needs them in one process), with torch using every core. With more
 workers each gets cores / workers torch threads, so cores are never oversubscribed.
+
+Each server has its own temporary folder (``adaface-gunicorn-*``, :mod:`serving.run_folder`),
+removed when it exits (``on_exit``). It holds:
+
+* gunicorn's control socket, ``gunicorn.ctl`` (for ``gunicornc -s PATH``; gunicorn logs the path
+  at start). gunicorn's default is one path for every server of a user
+  (``$XDG_RUNTIME_DIR/gunicorn.ctl`` or ``~/.gunicorn/gunicorn.ctl``): a second server took it
+  over and stopping either one removed it. ``--control-socket PATH`` or ``--no-control-socket``
+  on the command line still win.
+* the Prometheus multiprocess folder, ``metrics/``, unless ``PROMETHEUS_MULTIPROC_DIR`` is set;
+  a folder given that way is the caller's, and stays.
+
+Requests gunicorn refuses itself (a request line or headers over its limits, a malformed
+request) are answered in the service's JSON by the worker class,
+:class:`serving.gunicorn_worker.JsonGeventWorker`. ``--worker-class gevent`` on the command line
+(the original command) replaces it, and those answers are gunicorn's HTML again.
 """
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from config import Settings  # noqa: E402
+from serving import run_folder  # noqa: E402
 
 _settings = Settings.from_env()
 
 bind = _settings.bind
 workers = _settings.workers
-worker_class = "gevent"
+worker_class = "serving.gunicorn_worker.JsonGeventWorker"
 worker_connections = 1000
 timeout = _settings.timeout
 graceful_timeout = 30
@@ -28,9 +44,13 @@ accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 
+control_socket = str(run_folder.folder() / "gunicorn.ctl")
+
 # Prometheus: every worker writes its samples here; /metrics sums the live workers.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="adaface-metrics-")
+    _metrics = run_folder.folder() / "metrics"
+    _metrics.mkdir(exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics)
 
 
 def post_fork(server, worker):
@@ -44,3 +64,8 @@ def child_exit(server, worker):
     """Drop a dead worker's live gauges from the aggregated metrics."""
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove this server's folder: its control socket, and the metrics folder made here."""
+    run_folder.remove()

@@ -43,7 +43,8 @@ from adaface.options import EMBEDDING_SIZE
 
 logger = logging.getLogger(__name__)
 
-# Units per stage for each architecture (mk-minchul/AdaFace get_blocks).
+# Units per stage for each architecture (mk-minchul/AdaFace get_blocks). The names, in this order,
+# are adaface.options.ARCH_NAMES, what the settings accept; a test keeps the two the same.
 ARCHS: dict[str, tuple[int, int, int, int]] = {
     "ir_18": (2, 2, 2, 2),
     "ir_34": (3, 4, 6, 3),

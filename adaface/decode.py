@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import binascii
 import io
+import re
 import struct
+import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from .errors import InputError
 from .options import MAX_PIXELS as DEFAULT_MAX_PIXELS
@@ -228,7 +230,7 @@ def _pillow_refused_format(data: bytes) -> str | None:
         return None
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Open ``data`` with one of the decoded formats, reading the header only."""
     head = data[:4096]
     refused = _refused_format(head)
@@ -237,13 +239,20 @@ def _open(data: bytes) -> Image.Image:
                                           f"send JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
         return Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(str(exc)) from None
+    except Image.DecompressionBombError as exc:  # Pillow's own ceiling, over any limit we allow
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        counted = f"{int(size.group(1))} pixels, " if size else ""
+        raise ImageTooLargeError(f"image is {counted}over the limit of {max_pixels}") from None
     except UnidentifiedImageError:
         pass
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise _load_error(exc) from None
     known = _decoded_format(head)
+    if known == "TIFF":
+        layout = _tiff_layout(data)
+        if layout:
+            raise UnsupportedImageFormatError(f"TIFF with {layout} is not supported; send 8- or 16-bit "
+                                              f"grey or RGB, or JPEG, PNG, WebP, BMP or GIF")
     if known:
         raise TruncatedImageError(f"data starts like a {known} file but its header is cut short "
                                   f"or corrupt")
@@ -252,6 +261,32 @@ def _open(data: bytes) -> Image.Image:
         raise UnsupportedImageFormatError(f"{other} images are not supported; "
                                           f"send JPEG, PNG, WebP, BMP, GIF or TIFF")
     raise NotAnImageError()
+
+
+_TIFF_SAMPLE_KINDS = {1: "unsigned", 2: "signed", 3: "floating-point", 4: "undefined", 5: "complex integer",
+                      6: "complex floating-point"}
+
+
+def _tiff_layout(data: bytes) -> str | None:
+    """The pixel layout of a TIFF whose first directory reads whole ("3 samples of 32-bit
+    floating-point"), or None when it does not (a cut or corrupt file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Pillow only warns of a directory cut short
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+            stream = io.BytesIO(data)
+            stream.seek(ifd.next)
+            ifd.load(stream)
+        if not all(tag in ifd for tag in (256, 257, 258)):  # width, height, bits per sample
+            return None
+        bits = ifd[258]
+        kinds = ifd.get(339, (1,))
+        samples = ifd.get(277, len(bits) if isinstance(bits, tuple) else 1)
+    except Exception:  # noqa: BLE001 - an unreadable directory means a broken file
+        return None
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    kind = kinds[0] if isinstance(kinds, tuple) else kinds
+    return f"{samples} sample{'s' if samples != 1 else ''} of {bits}-bit {_TIFF_SAMPLE_KINDS.get(kind, 'unknown')} data"
 
 
 def _load_error(exc: Exception) -> ImageInputError:
@@ -322,7 +357,7 @@ def _from_pil(im: Image.Image, max_pixels: int) -> np.ndarray:
 def _from_bytes(data: bytes, max_pixels: int) -> np.ndarray:
     if not data:
         raise EmptyImageError()
-    with _open(data) as im:
+    with _open(data, max_pixels) as im:
         _check_pixels(im.width, im.height, max_pixels)
         _load(im)
         return _to_rgb_array(_upright(im, in_place=True))
@@ -373,8 +408,8 @@ def decode_image(data: bytes | Image.Image | np.ndarray, *,
                     f"not {type(data).__name__}")
 
 
-def decode_any(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode raw image bytes or base64 text (told apart by content) to ``(H, W, 3)`` uint8 RGB.
+def file_bytes(data: bytes | str) -> bytes:
+    """The image file in raw image bytes or base64 text (told apart by content).
 
     ``str`` is always base64. ``bytes`` are taken as an image file when they start with a known
     image signature (:func:`looks_like_image`), otherwise as base64 text. Bytes that are neither
@@ -382,17 +417,36 @@ def decode_any(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     :class:`NotAnImageError` otherwise.
     """
     if isinstance(data, str):
-        return decode_image(decode_base64(data), max_pixels=max_pixels)
+        return decode_base64(data)
     data = bytes(data)
     if not data:
         raise EmptyImageError()
     if looks_like_image(data):
-        return decode_image(data, max_pixels=max_pixels)
+        return data
     try:
-        raw = decode_base64(data)
+        return decode_base64(data)
     except Base64DecodeError:
         if data.isascii():
             raise
         raise NotAnImageError("the data is neither an image in a format we recognise "
                               "nor base64 text") from None
-    return decode_image(raw, max_pixels=max_pixels)
+
+
+def image_size(data: bytes) -> tuple | None:
+    """(width, height) in pixels of an image file, read from its header alone (no pixel is
+    decoded), or None when the header does not say (not an image, cut short, ...)."""
+    if not data or _refused_format(data[:4096]):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=DECODED_FORMATS) as im:
+                return im.width, im.height
+    except Exception:  # noqa: BLE001 - decoding will raise the right error for it
+        return None
+
+
+def decode_any(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode raw image bytes or base64 text (told apart by content, see :func:`file_bytes`)
+    to ``(H, W, 3)`` uint8 RGB."""
+    return decode_image(file_bytes(data), max_pixels=max_pixels)

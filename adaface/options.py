@@ -23,6 +23,10 @@ ALIGN_MODES = ("auto", "always", "never")
 #: auto: ONNX Runtime on CPU, PyTorch on CUDA
 BACKENDS = ("auto", "torch", "onnx")
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+#: the device names :func:`adaface.device.resolve_device` takes (case-insensitive)
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+#: the IR backbones ``net.ARCHS`` builds, smallest first
+ARCH_NAMES = ("ir_18", "ir_34", "ir_50", "ir_101")
 #: the weights value that builds deterministic random weights (embeddings mean nothing)
 SYNTHETIC = "synthetic"
 
@@ -42,7 +46,9 @@ class Bound:
 
 
 MAX_FACES = Bound(1, 1000)              # faces per image with faces=all
-MIN_FACE_SIZE = Bound(1, 10_000)        # smallest face MTCNN looks for, pixels
+#: smallest face MTCNN looks for, pixels. The floor is P-Net's 12-pixel window: below it every
+#: pyramid level is the photo enlarged, and detection costs grow as (12 / min_face_size)²
+MIN_FACE_SIZE = Bound(12, 10_000)
 SIMILARITY = Bound(-1.0, 1.0)           # a cosine-similarity threshold
 TOP_K = Bound(1, 100)                   # identify candidates per face
 LIST_LIMIT = Bound(1, 1000)             # rows per page of a listing
@@ -54,8 +60,11 @@ DEFAULT_BACKEND = "auto"
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_FACES = 20
 DEFAULT_MIN_FACE_SIZE = 20.0            # the reference's value
-#: decoded image size limit, pixels (Pillow's default ``Image.MAX_IMAGE_PIXELS``)
-MAX_PIXELS = 89_478_485
+#: decoded image size limit, pixels: a 50-megapixel phone photo (8192×6144 = 50.3 Mpx) and a
+#: little more; larger ones are refused from their header, before any pixel is decoded
+MAX_PIXELS = 52_000_000
+#: the most a pixel limit can be: Pillow refuses images over twice its ``MAX_IMAGE_PIXELS``
+PIXEL_CEILING = Bound(1, 178_956_970)
 DEFAULT_VERIFY_THRESHOLD = 0.35
 DEFAULT_IDENTIFY_THRESHOLD = 0.35
 DEFAULT_TOP_K = 5

@@ -5,6 +5,7 @@ the event loop and block every other request (and ``/livez``). Inference therefo
 real threads built from the original ``_thread`` primitives; a request greenlet waits for it
 through gevent's thread pool, which yields to the loop while the native thread works.
 """
+import collections
 import contextlib
 import itertools
 import os
@@ -50,7 +51,20 @@ class Offloader:
         if self._pool is None or self._pid != os.getpid():
             from gevent.threadpool import ThreadPool
             self._pool, self._pid = ThreadPool(self.size), os.getpid()
-        return self._pool.apply(fn, args)
+        # fn's exception comes back as a value and is raised here, in the caller: raised in the
+        # pool's thread, gevent would print its traceback (a client's 404 or 400 included)
+        ok, outcome = self._pool.apply(_captured, (fn, args))
+        if not ok:
+            raise outcome
+        return outcome
+
+
+def _captured(fn, args) -> tuple:
+    """(True, fn(*args)), or (False, the exception it raised)."""
+    try:
+        return True, fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - raised again by the caller
+        return False, exc
 
 
 def map_native(fn, items, workers: int) -> list:
@@ -120,3 +134,45 @@ class NativeSlots:
             yield
         finally:
             lock.release()
+
+
+class PixelBudget:
+    """At most ``capacity`` units (pixels) held at once by native threads (``with
+    budget.held(n): ...``); a holder that alone exceeds it still gets in once nothing else is
+    held, so no request waits forever. Waiters are served in arrival order: a large one is not
+    overtaken by a stream of small ones."""
+
+    def __init__(self, capacity: float):
+        self.capacity = capacity
+        self.in_use = 0.0
+        self._mutex = allocate_lock()
+        self._waiting = collections.deque()
+
+    @contextlib.contextmanager
+    def held(self, amount: float):
+        self._acquire(amount)
+        try:
+            yield
+        finally:
+            self._release(amount)
+
+    def _fits(self, amount: float) -> bool:
+        return self.in_use == 0 or self.in_use + amount <= self.capacity
+
+    def _acquire(self, amount: float) -> None:
+        with self._mutex:
+            if not self._waiting and self._fits(amount):
+                self.in_use += amount
+                return
+            gate = allocate_lock()
+            gate.acquire()
+            self._waiting.append((amount, gate))
+        gate.acquire()  # released by _release, which has counted ``amount`` as ours
+
+    def _release(self, amount: float) -> None:
+        with self._mutex:
+            self.in_use -= amount
+            while self._waiting and self._fits(self._waiting[0][0]):
+                waiting, gate = self._waiting.popleft()
+                self.in_use += waiting
+                gate.release()

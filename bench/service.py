@@ -159,13 +159,13 @@ def rss_mb(pids) -> float:
 
 
 class Server:
-    def __init__(self, arch, workers, threads, backend):
+    def __init__(self, arch, workers, threads, backend, env=None):
         self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="adaface-bench-")
         env = {**os.environ, "ADAFACE_WEIGHTS": "synthetic", "ADAFACE_ARCH": arch,
                "ADAFACE_BIND": f"127.0.0.1:{self.port}", "ADAFACE_WORKERS": str(workers),
                "ADAFACE_LOG_LEVEL": "warning", "ADAFACE_CACHE_DIR": os.path.join(REPO, "data", "cache"),
-               "PROMETHEUS_MULTIPROC_DIR": self.tmp, "ADAFACE_BACKEND": backend}
+               "PROMETHEUS_MULTIPROC_DIR": self.tmp, "ADAFACE_BACKEND": backend, **(env or {})}
         if threads:
             env["ADAFACE_THREADS"] = str(threads)
         gunicorn = Path(sys.executable).with_name("gunicorn")

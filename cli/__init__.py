@@ -15,14 +15,15 @@ from types import SimpleNamespace
 from typing import Sequence
 
 import net
+from adaface.backends import BackendError
 from adaface.errors import InputError
-from adaface.options import ALIGN_MODES, DEFAULT_ALIGN, DEFAULT_FACES, FACE_MODES
+from adaface.options import ALIGN_MODES, ARCH_NAMES, DEFAULT_ALIGN, DEFAULT_FACES, FACE_MODES
 from gallery.errors import GalleryError, StoreUrlError
 
 from . import calibrate, embed, gallery  # noqa: F401  (each registers its commands)
-from .registry import COMMANDS, Context, names
+from .registry import COMMANDS, Context, ModelLoadError, names
 
-__all__ = ["Context", "build_parser", "main"]
+__all__ = ["Context", "ModelLoadError", "build_parser", "main"]
 
 DEFAULT_COMMAND = "embed"
 
@@ -30,7 +31,7 @@ DEFAULT_COMMAND = "embed"
 def _model_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--weights", help="checkpoint file or folder, or 'synthetic' (default: ADAFACE_WEIGHTS)")
-    common.add_argument("--arch", help=f"{' | '.join(net.ARCHS)} (default: from the weights)")
+    common.add_argument("--arch", choices=ARCH_NAMES, help="the backbone (default: ADAFACE_ARCH, or from the weights)")
     common.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: ADAFACE_DEVICE or auto)")
     common.add_argument("--faces", default=DEFAULT_FACES, choices=FACE_MODES)
     common.add_argument("--align", default=DEFAULT_ALIGN, choices=ALIGN_MODES)
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str], ctx: Context) -> int:
-    """Parse ``argv`` and run the command; the exit status (2 for a usage or input error)."""
+    """Parse ``argv`` and run the command; the exit status (2 for a usage or input error, or a
+    model that cannot be loaded)."""
     argv = list(argv)
     if argv and argv[0] not in names() and not argv[0].startswith("-"):
         argv.insert(0, DEFAULT_COMMAND)  # `python AdaFaceFeature.py IMG...`, as the original's test run
@@ -60,6 +62,6 @@ def main(argv: Sequence[str], ctx: Context) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args, ctx)
-    except (net.WeightsError, GalleryError, StoreUrlError, InputError) as exc:
+    except (ModelLoadError, net.WeightsError, BackendError, GalleryError, StoreUrlError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,11 +19,16 @@ class Context:
 
     ``settings(**overrides)`` returns the settings (``ADAFACE_*`` over the defaults, then the
     overrides); ``extractor(**overrides)`` loads a model from the settings with those overrides
-    (``weights``, ``arch``, ``device``).
+    (``weights``, ``arch``, ``device``) and raises :class:`ModelLoadError` when it cannot.
     """
 
     settings: Callable
     extractor: Callable
+
+
+class ModelLoadError(Exception):
+    """``Context.extractor`` could not load a model (weights, device or backend); the message
+    says why, in one line."""
 
 
 def command(name: str):

@@ -19,6 +19,14 @@ class BadNameError(GalleryError):
     code = "bad_name"
 
 
+class BadMetadataError(GalleryError):
+    """Metadata the store refuses: not a JSON object, too deep or too large, or holding a value
+    JSON cannot carry (a non-finite number, an integer beyond 64 bits, a string that is not
+    valid Unicode)."""
+
+    code = "bad_metadata"
+
+
 class GalleryNotFoundError(GalleryError):
     code = "gallery_not_found"
 

@@ -7,7 +7,6 @@ taken by the version bump), so a gallery's versions commit in order.
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
@@ -19,8 +18,8 @@ from .errors import (FaceNotFoundError, GalleryExistsError, GalleryNotFoundError
 from adaface.options import EMBEDDING_SIZE
 
 from .store import (ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace,
-                    Rows, DROPPED, blobs_to_matrix, check_gallery_name, check_identity_name, check_metadata,
-                    vector_blob)
+                    Rows, DROPPED, blobs_to_matrix, check_face_id, check_gallery_name, check_identity_name,
+                    check_metadata, read_metadata, vector_blob)
 
 #: ids per IN (...) list
 CHUNK = 500
@@ -92,10 +91,6 @@ def _marks(n: int) -> str:
     return ",".join(["%s"] * n)
 
 
-def _metadata(text) -> Optional[dict]:
-    return None if text is None else json.loads(text)
-
-
 class SqlStore(GalleryStore):
     """All of :class:`GalleryStore` in SQL; subclasses add connections and transactions."""
 
@@ -128,6 +123,15 @@ class SqlStore(GalleryStore):
         if row is None:
             raise IdentityNotFoundError(gallery, name)
         return row
+
+    @staticmethod
+    def _identity_with_faces(tx: Tx, identity_id: int) -> Identity:
+        """The identity with its face records, as this transaction sees it."""
+        ident = tx.one("SELECT id, name, metadata, created_at FROM adaface_identities WHERE id = %s", (identity_id,))
+        faces = tx.all("SELECT id, identity_id, norm, photo_sha256, created_at FROM adaface_faces "
+                       "WHERE identity_id = %s ORDER BY id", (identity_id,))
+        records = tuple(FaceRecord(*f) for f in faces)
+        return Identity(ident[0], ident[1], read_metadata(ident[2]), ident[3], len(records), records)
 
     @staticmethod
     def _record(tx: Tx, gallery_id: int, face_ids: Sequence[int], op: str) -> int:
@@ -168,7 +172,8 @@ class SqlStore(GalleryStore):
         with self._write() as tx:
             tx.run("INSERT INTO adaface_galleries (name, created_at, version) VALUES (%s, %s, 0) "
                    "ON CONFLICT (name) DO NOTHING", (name, time.time()))
-        return self.get_gallery(name)
+            row = tx.one(f"SELECT {self._GALLERY_COLUMNS} FROM adaface_galleries g WHERE g.name = %s", (name,))
+        return self._gallery(row)
 
     def get_gallery(self, name: str) -> Gallery:
         check_gallery_name(name)
@@ -226,7 +231,7 @@ class SqlStore(GalleryStore):
             if added:
                 self._record(tx, gallery_id, added, "add")
             count = tx.one("SELECT count(*) FROM adaface_faces WHERE identity_id = %s", (ident[0],))[0]
-        identity_record = Identity(ident[0], ident[1], _metadata(ident[2]), ident[3], count)
+        identity_record = Identity(ident[0], ident[1], read_metadata(ident[2]), ident[3], count)
         return Enrolled(identity_record, results, created)
 
     def list_identities(self, gallery: str, limit: int = 100, offset: int = 0) -> list:
@@ -236,22 +241,21 @@ class SqlStore(GalleryStore):
                           "(SELECT count(*) FROM adaface_faces f WHERE f.identity_id = i.id) "
                           "FROM adaface_identities i WHERE i.gallery_id = %s ORDER BY i.name LIMIT %s OFFSET %s",
                           (gallery_id, int(limit), int(offset)))
-        return [Identity(r[0], r[1], _metadata(r[2]), r[3], r[4]) for r in rows]
+        return [Identity(r[0], r[1], read_metadata(r[2]), r[3], r[4]) for r in rows]
 
     def get_identity(self, gallery: str, name: str) -> Identity:
         with self._read() as tx:
             gallery_id = self._gallery_id(tx, gallery)
             ident = self._identity_row(tx, gallery_id, gallery, name)
-            faces = tx.all("SELECT id, identity_id, norm, photo_sha256, created_at FROM adaface_faces "
-                           "WHERE identity_id = %s ORDER BY id", (ident[0],))
-        records = tuple(FaceRecord(*f) for f in faces)
-        return Identity(ident[0], ident[1], _metadata(ident[2]), ident[3], len(records), records)
+            return self._identity_with_faces(tx, ident[0])
 
     def update_identity(self, gallery: str, name: str, new_name: Optional[str] = None,
                         metadata: Optional[dict] = None) -> Identity:
         meta_text = check_metadata(metadata)
         if new_name is not None:
             check_identity_name(new_name)
+        # The answer is read inside the transaction: read after it, a concurrent rename or delete
+        # could make a committed change answer identity_not_found.
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
             ident = self._identity_row(tx, gallery_id, gallery, name)
@@ -259,10 +263,13 @@ class SqlStore(GalleryStore):
                 if tx.one("SELECT 1 FROM adaface_identities WHERE gallery_id = %s AND name = %s",
                           (gallery_id, new_name)) is not None:
                     raise IdentityExistsError(gallery, new_name)
-                tx.run("UPDATE adaface_identities SET name = %s WHERE id = %s", (new_name, ident[0]))
+                # still named ``name``: under PostgreSQL a concurrent rename may have committed since
+                if tx.run("UPDATE adaface_identities SET name = %s WHERE id = %s AND name = %s",
+                          (new_name, ident[0], name)) == 0:
+                    raise IdentityNotFoundError(gallery, name)
             if meta_text is not None:
                 tx.run("UPDATE adaface_identities SET metadata = %s WHERE id = %s", (meta_text, ident[0]))
-        return self.get_identity(gallery, new_name if new_name is not None else name)
+            return self._identity_with_faces(tx, ident[0])
 
     def delete_identity(self, gallery: str, name: str) -> int:
         with self._write() as tx:
@@ -276,11 +283,13 @@ class SqlStore(GalleryStore):
         return len(face_ids)
 
     def delete_face(self, gallery: str, face_id: int) -> None:
+        row_id = check_face_id(face_id)
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
-            if tx.run("DELETE FROM adaface_faces WHERE id = %s AND gallery_id = %s", (int(face_id), gallery_id)) == 0:
+            if row_id is None or tx.run("DELETE FROM adaface_faces WHERE id = %s AND gallery_id = %s",
+                                        (row_id, gallery_id)) == 0:
                 raise FaceNotFoundError(gallery, face_id)
-            self._record(tx, gallery_id, [int(face_id)], "del")
+            self._record(tx, gallery_id, [row_id], "del")
 
     def photo_hashes(self, gallery: str) -> set:
         with self._read() as tx:
@@ -295,7 +304,7 @@ class SqlStore(GalleryStore):
                           "JOIN adaface_identities i ON i.id = f.identity_id WHERE f.gallery_id = %s ORDER BY f.id",
                           (gallery_id,))
         for name, meta, sha, norm, blob in rows:
-            yield ExportRow(name, _metadata(meta), sha, norm, np.frombuffer(bytes(blob), "<f4").astype(np.float32))
+            yield ExportRow(name, read_metadata(meta), sha, norm, np.frombuffer(bytes(blob), "<f4").astype(np.float32))
 
     # -- for search indexes ------------------------------------------------------------------
 
@@ -350,5 +359,5 @@ class SqlStore(GalleryStore):
                 for r in tx.all("SELECT f.id, f.photo_sha256, i.name, i.metadata FROM adaface_faces f "
                                 "JOIN adaface_identities i ON i.id = f.identity_id "
                                 f"WHERE f.id IN ({_marks(len(chunk))})", chunk):
-                    found[r[0]] = (r[1], r[2], _metadata(r[3]))
+                    found[r[0]] = (r[1], r[2], read_metadata(r[3]))
         return found

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
+import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -26,10 +29,21 @@ import numpy as np
 
 from adaface.options import EMBEDDING_SIZE
 
-from .errors import BadNameError
+from .errors import BadMetadataError, BadNameError
+
+logger = logging.getLogger(__name__)
+
 GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: characters in an identity name
 MAX_IDENTITY_NAME = 200
+#: bytes of an identity's metadata as compact UTF-8 JSON
 MAX_METADATA_BYTES = 16 * 1024
+#: nesting of an identity's metadata: the object itself is level 1, an object or list in it level 2
+MAX_METADATA_DEPTH = 16
+#: the range of integers in metadata, and of row ids (signed 64-bit)
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+#: Unicode categories refused in an identity name: control characters (C0, DEL, C1), lone surrogates
+_BAD_NAME_CATEGORIES = {"Cc", "Cs"}
 #: the change-log version a dropped gallery is announced with
 DROPPED = -1
 
@@ -126,23 +140,113 @@ def check_gallery_name(name) -> str:
 
 
 def check_identity_name(name) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_IDENTITY_NAME or "/" in name \
-            or any(ord(c) < 32 or ord(c) == 127 for c in name) or name != name.strip():
+    """``name`` if it can name an identity (in a URL path too), else a BadNameError."""
+    if not isinstance(name, str) or not _identity_name_ok(name):
         raise BadNameError(f"an identity name is 1 to {MAX_IDENTITY_NAME} characters, without '/', control "
-                           f"characters or surrounding spaces; got {name!r}")
+                           f"characters or surrounding spaces, and not '.' or '..'; got {name!r}")
     return name
 
 
+def _identity_name_ok(name: str) -> bool:
+    return (0 < len(name) <= MAX_IDENTITY_NAME and name == name.strip() and name not in (".", "..")
+            and "/" not in name and not any(unicodedata.category(c) in _BAD_NAME_CATEGORIES for c in name))
+
+
 def check_metadata(metadata) -> Optional[str]:
-    """None or a JSON object -> its JSON text (stored as is); anything else is a BadNameError."""
+    """None, or a JSON object within the limits -> its compact JSON text (stored as is);
+    anything else is a :class:`gallery.errors.BadMetadataError`.
+
+    Limits: :data:`MAX_METADATA_DEPTH` levels, :data:`MAX_METADATA_BYTES` bytes of UTF-8 JSON;
+    numbers finite, integers within signed 64 bits, strings valid Unicode (no lone surrogates),
+    keys strings. What passes can be written by any JSON encoder, orjson included.
+    """
     if metadata is None:
         return None
-    if not isinstance(metadata, dict):
-        raise BadNameError("metadata must be a JSON object")
-    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))
+    problem = metadata_problem(metadata)
+    if problem is not None:
+        raise BadMetadataError(problem)
+    text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     if len(text.encode()) > MAX_METADATA_BYTES:
-        raise BadNameError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
+        raise BadMetadataError(f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON")
     return text
+
+
+def metadata_problem(metadata) -> Optional[str]:
+    """Why ``metadata`` cannot be stored (a message), or None; see :func:`check_metadata`.
+
+    Walks the value without recursion, and gives up on more values than the byte limit could
+    hold (each takes at least one byte of JSON).
+    """
+    if not isinstance(metadata, dict):
+        return "metadata must be a JSON object"
+    pending, seen = [(metadata, 1)], 0
+    while pending:
+        value, depth = pending.pop()
+        seen += 1
+        if seen > MAX_METADATA_BYTES:
+            return f"metadata is larger than {MAX_METADATA_BYTES} bytes of JSON"
+        if isinstance(value, (dict, list)):
+            problem = _container_problem(value, depth)
+            pending.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+        else:
+            problem = _scalar_problem(value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _container_problem(value, depth: int) -> Optional[str]:
+    if depth > MAX_METADATA_DEPTH:
+        return f"metadata nests deeper than {MAX_METADATA_DEPTH} levels"
+    for key in value if isinstance(value, dict) else ():
+        if not isinstance(key, str) or not _valid_text(key):
+            return f"metadata keys must be valid Unicode strings; got {key!r}"
+    return None
+
+
+def _scalar_problem(value) -> Optional[str]:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if INT64_MIN <= value <= INT64_MAX else f"metadata integers must fit in 64 bits; got {value}"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"metadata numbers must be finite; got {value}"
+    if isinstance(value, str):
+        return None if _valid_text(value) else f"metadata strings must be valid Unicode; got {value!r}"
+    return f"metadata holds a {type(value).__name__}, which is not a JSON value"
+
+
+def _valid_text(text: str) -> bool:
+    """True when ``text`` encodes to UTF-8 (a lone surrogate does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_metadata(text: Optional[str]) -> Optional[dict]:
+    """Stored metadata text -> the object; metadata stored before these checks that fails them
+    (too deep, a non-finite number) reads as None, with a warning, so the identity can still be
+    listed, read, searched, given new metadata or deleted."""
+    if text is None:
+        return None
+    try:
+        metadata = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        logger.warning("stored identity metadata is not readable JSON (%s); read as null", exc)
+        return None
+    problem = metadata_problem(metadata)
+    if problem is not None:
+        logger.warning("stored identity metadata is refused (%s); read as null", problem)
+        return None
+    return metadata
+
+
+def check_face_id(face_id) -> Optional[int]:
+    """A face id as an int, or None where no row could have it (beyond signed 64 bits)."""
+    face_id = int(face_id)
+    return face_id if INT64_MIN <= face_id <= INT64_MAX else None
 
 
 def vector_blob(embedding: np.ndarray) -> bytes:

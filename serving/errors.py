@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask
+from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
 from adaface.errors import code_of
@@ -23,18 +23,23 @@ STATUS = {
     # the request
     "bad_request": 400, "empty_body": 400, "bad_base64": 400, "not_an_image": 400, "truncated_image": 400,
     "bad_image": 400, "bad_json": 400, "bad_option": 400, "no_image": 400, "need_two_images": 400,
-    "one_image_only": 400, "bad_name": 400,
+    "one_image_only": 400, "bad_name": 400, "bad_metadata": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "not_found": 404, "gallery_not_found": 404, "identity_not_found": 404, "face_not_found": 404,
     "method_not_allowed": 405,
+    "body_timeout": 408,
     "gallery_exists": 409, "identity_exists": 409, "conflict": 409,
-    "body_too_large": 413, "image_too_large": 413, "too_many_images": 413,
+    "body_too_large": 413, "image_too_large": 413, "too_many_images": 413, "form_too_large": 413,
+    "uri_too_long": 414,
     "unsupported_format": 415, "unsupported_media_type": 415,
+    "expectation_failed": 417,
+    "headers_too_large": 431,
     # the image
     "no_face": 422, "not_aligned": 422,
     # the server's state
     "not_ready": 503, "busy": 503, "store_unavailable": 503, "unavailable": 503,
-    "internal_error": 500,
+    "internal_error": 500, "not_implemented": 501,
 }
 #: code for werkzeug's own HTTP errors, by status
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
@@ -82,6 +87,16 @@ def codes_for(status: int) -> list:
     return sorted(code for code, s in STATUS.items() if s == status)
 
 
+def _too_large(app: Flask) -> tuple:
+    """(code, message) of werkzeug's 413: the body is read and bounded before any view runs,
+    so within the body limit it is the multipart parser's own limits."""
+    limit = app.config.get("MAX_CONTENT_LENGTH")
+    if request.content_length is not None and limit is not None and request.content_length <= limit:
+        return "form_too_large", (f"the multipart form has more than {app.config.get('MAX_FORM_PARTS')} parts "
+                                  f"or a text field over {app.config.get('MAX_FORM_MEMORY_SIZE')} bytes")
+    return "body_too_large", f"the request body is larger than the limit of {limit} bytes"
+
+
 def register(app: Flask) -> None:
     """Install the JSON error handlers on ``app``."""
 
@@ -89,9 +104,10 @@ def register(app: Flask) -> None:
     def _http_error(exc: HTTPException):
         status = exc.code or 500
         message = exc.description or exc.name
+        code = HTTP_CODES.get(status, "http_error")
         if status == 413:
-            message = f"the request body is larger than the limit of {app.config.get('MAX_CONTENT_LENGTH')} bytes"
-        response = error_response(status, HTTP_CODES.get(status, "http_error"), message)
+            code, message = _too_large(app)
+        response = error_response(status, code, message)
         if status == 405 and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)
         return response

@@ -23,12 +23,13 @@ class GalleryState:
             return self._galleries
 
     def call(self, method: str, *args):
-        """Run ``Galleries.<method>`` (or ``Galleries.store.<method>``) in a native thread."""
+        """Run ``Galleries.<method>`` (or ``Galleries.store.<method>``) in a native thread; its
+        result, or its exception raised again here, in the caller."""
         def work():
             galleries = self._open()
             target = getattr(galleries, method, None) or getattr(galleries.store, method)
             return target(*args)
-        return self.offloader.call(work)
+        return self.offloader.call(work)  # an exception is raised again here, not in the pool
 
     def close(self) -> None:
         with self._lock:

@@ -1,56 +1,136 @@
-"""What runs around every request: the chunked-body bound, the API-key check, the readiness
-gate, and the request metrics."""
+"""What runs around every request: the API-key check, reading the body (bounded in size and
+time), the readiness gate, the request metrics, and handing memory back after large bodies.
+
+The key is checked before a byte of the body is read, so a client without one cannot make the
+worker hold its upload (what it sends after the answer is discarded as it arrives, by gunicorn,
+within its keep-alive timeout).
+"""
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 
 from flask import Flask, Response, g, request
 
+from adaface.threads import gevent_active
+
 from .errors import ApiError
+from .memory import release_free_heap
+from .requests import BODY_KEY, JSON_KEY
 
 #: routes that need neither a key nor a loaded model
 OPEN_ROUTES = {"/", "/livez", "/readyz", "/metrics", "/openapi.json"}
 #: routes that answer before the model is ready (with a key, when keys are set)
 BEFORE_READY = OPEN_ROUTES | {"/info"}
+#: methods whose body is read up front; others are labelled as they are in the metrics
+BODY_METHODS = ("POST", "PUT", "PATCH")
+#: the methods the metrics label by name; any other is ``other`` (a made-up method must not
+#: add a series)
+KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+#: bodies at least this large hand the freed heap back to the system after their answer
+LARGE_BODY_BYTES = 8 * 1024 * 1024
+READ_BYTES = 1 << 16
 
 
-def bound_chunked_body(limit: int) -> None:
-    """Read a body sent without Content-Length (chunked) up front, refusing it past ``limit``.
+def _has_body(environ) -> bool:
+    """True when the request declares a body (a length above 0, or chunked)."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    return chunked or (length.strip() not in ("", "0"))
 
-    Werkzeug stops reading such a body at the limit without an error, which would hand a
-    truncated image on; reading it here gives the same 413 a declared length gets.
-    """
-    environ = request.environ
-    if request.content_length is not None or environ.get("REQUEST_METHOD") not in ("POST", "PUT", "PATCH"):
-        return
+
+def read_body(environ, limit: int, timeout: float) -> int:
+    """Read the whole request body before the view runs, so that every view sees it in memory:
+    refused past ``limit`` bytes (413) or when it takes over ``timeout`` seconds (408, also when
+    the client goes silent), or 400 when it ends early or its chunked encoding is broken.
+    Returns its size in bytes; ``wsgi.input`` is then an in-memory stream of it."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _body_error(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
+    want = limit + 1 if declared is None else declared
     stream, chunks, size = environ["wsgi.input"], [], 0
-    while True:
-        chunk = stream.read(min(1 << 16, limit + 1 - size))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
-    environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
+    sock = environ.get("gunicorn.socket")
+    previous = sock.gettimeout() if sock is not None else None
+    deadline = time.monotonic() + timeout
+    try:
+        with _deadline(timeout):
+            while size < want:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                if sock is not None:
+                    sock.settimeout(remaining)  # a silent client times out the read itself
+                chunk = stream.read(min(READ_BYTES, want - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                _let_others_run()
+    except TimeoutError:
+        raise _body_error(408, "body_timeout", f"the request body did not arrive within {timeout:g} s") from None
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the server's reader: a client that left, a bad chunk size
+        raise _body_error(400, "bad_request", f"the request body could not be read: {exc or type(exc).__name__}") from None
+    finally:
+        if sock is not None:
+            sock.settimeout(previous)
+    if size > limit:
+        raise _body_error(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
+    if declared is not None and size < declared:
+        raise _body_error(400, "bad_request", f"the request body ended after {size} of {declared} bytes")
+    body = b"".join(chunks)
+    environ[BODY_KEY] = body
+    environ["wsgi.input"] = io.BytesIO(body)
     environ["CONTENT_LENGTH"] = str(size)
     environ.pop("wsgi.input_terminated", None)
+    return size
+
+
+def _let_others_run() -> None:
+    """Under gevent, let the other greenlets run between two reads: on a fast link the reads of
+    a large body never wait for the socket, and would hold the event loop until the end."""
+    if gevent_active():
+        import gevent
+        gevent.sleep(0)
+
+
+def _deadline(seconds: float):
+    """Under gevent, a timer that interrupts the reading greenlet after ``seconds`` with
+    TimeoutError: a client that sends a byte now and then never times out a single read, whose
+    loop waits for all it asked for. Elsewhere the socket's own timeout bounds each read."""
+    if not gevent_active():
+        return contextlib.nullcontext()
+    import gevent
+    return gevent.Timeout(seconds, TimeoutError)
+
+
+def _body_error(status: int, code: str, message: str) -> ApiError:
+    """An error answered before the body was read through."""
+    return ApiError(status, code, message)
+
+
+def method_label(method: str) -> str:
+    """The metrics label of an HTTP method: its name if standard, else ``other``."""
+    return method if method in KNOWN_METHODS else "other"
 
 
 def install(app: Flask, service) -> None:
     """Add the before- and after-request hooks for ``service`` to ``app``."""
+    settings = service.settings
 
     @app.before_request
     def _begin():
         g.started = time.perf_counter()
-        bound_chunked_body(service.settings.max_body_bytes)
         if request.method == "OPTIONS":
             return
         if request.path not in OPEN_ROUTES and not service.auth.allows(request.headers):
             raise ApiError(401, "unauthorized", "a valid API key is required "
                            "(Authorization: Bearer <key>, or X-API-Key: <key>)",
                            headers={"WWW-Authenticate": "Bearer"})
+        if request.method in BODY_METHODS and _has_body(request.environ):
+            g.body_bytes = read_body(request.environ, settings.max_body_bytes, settings.body_timeout)
         if request.path not in BEFORE_READY and not service.ready:
             raise ApiError(503, "not_ready", service.not_ready_reason, headers={"Retry-After": "2"})
 
@@ -58,5 +138,15 @@ def install(app: Flask, service) -> None:
     def _finish(response: Response):
         rule = request.url_rule.rule if request.url_rule else "unmatched"
         started = g.get("started", time.perf_counter())
-        service.metrics.observe_request(rule, request.method, response.status_code, time.perf_counter() - started)
+        service.metrics.observe_request(rule, method_label(request.method), response.status_code,
+                                        time.perf_counter() - started)
+        if g.get("body_bytes", 0) >= LARGE_BODY_BYTES:
+            response.call_on_close(release_free_heap)
         return response
+
+    @app.teardown_request
+    def _drop_body(_exc):
+        if g.get("body_bytes", 0) >= LARGE_BODY_BYTES:
+            request.environ["wsgi.input"] = io.BytesIO()  # the body goes with the request
+            request.environ.pop(BODY_KEY, None)
+            request.environ.pop(JSON_KEY, None)

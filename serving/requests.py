@@ -12,26 +12,60 @@ from __future__ import annotations
 
 import typing
 
+import orjson
 import pydantic
 from flask import Request
 
 from adaface.options import EmbedOptions
+from adaface.threads import Offloader
 
 from .errors import ApiError
 
 
+#: JSON bodies at least this large are parsed in a native thread, not on the event loop
+OFFLOAD_JSON_BYTES = 1 << 20
+#: where the body read up front (``serving.hooks.read_body``) and its parsed JSON are kept in
+#: the WSGI environ
+BODY_KEY, JSON_KEY = "adaface.body", "adaface.json"
+_parser = Offloader(size=2)
+
+
+def _loads(data: bytes):
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {exc}") from None
+
+
+def body_bytes(request: Request) -> bytes:
+    """The request body: as read up front (:func:`serving.hooks.read_body`), without a copy."""
+    body = request.environ.get(BODY_KEY)
+    return body if body is not None else request.get_data(cache=True)
+
+
+def parse_json(request: Request):
+    """The body parsed as JSON (orjson: UTF-8, at most 1,024 levels deep, no NaN or infinite
+    numbers), or a 400 ``bad_json`` saying why; a large body is parsed off the event loop."""
+    if JSON_KEY in request.environ:  # parsed already (an enroll reads images and metadata)
+        return request.environ[JSON_KEY]
+    data = body_bytes(request)
+    if not data:
+        raise ApiError(400, "bad_json", "the body is empty; send a JSON object")
+    value = _parser.call(_loads, data) if len(data) >= OFFLOAD_JSON_BYTES else _loads(data)
+    request.environ[JSON_KEY] = value
+    return value
+
+
 def json_object(request: Request) -> dict:
     """The body as a JSON object, or a 400 ``bad_json``."""
-    body = request.get_json(silent=True)
+    body = parse_json(request)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "the body must be a JSON object")
     return body
 
 
 def _json_body(request: Request):
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError(400, "bad_json", "the body is not valid JSON")
+    body = parse_json(request)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", 'the JSON body must be an object such as {"image": "<base64>"}')
     return body
@@ -72,7 +106,7 @@ def image_inputs(request: Request, max_images: int) -> tuple:
         else:
             raise ApiError(400, "bad_json", 'the JSON body needs "image" (one base64 image) or "images" (a list)')
     else:
-        inputs, batch = [request.get_data(cache=False)], False
+        inputs, batch = [body_bytes(request)], False
     if len(inputs) > max_images:
         raise ApiError(413, "too_many_images", f"{len(inputs)} images in one request; the limit is {max_images}")
     return inputs, batch

@@ -124,7 +124,10 @@ def violations(modules: dict) -> list:
             continue
         for imported, line in imports_of(name, path, modules):
             top = imported.split(".")[0]
-            theirs = layer(imported) if top in LAYERS else None
+            # a project module, not a package of the same first name (``gunicorn`` is
+            # third-party; the project's ``gunicorn.conf`` is the entry point)
+            ours = imported in modules or any(a in modules for a in _ancestors(imported))
+            theirs = layer(imported) if ours else None
             where = f"{name}:{line} -> {imported}"
             if theirs is not None and theirs > mine:
                 bad.append(f"{where} (imports a higher layer)")

@@ -385,9 +385,16 @@ def test_default_limit_checked_from_header_before_decoding():
             decode_image(_png_header_only(10_000, 9_000))   # 9.0e7 pixels, over our default
         with pytest.raises(TruncatedImageError):  # under a raised limit it gets to the pixels
             decode_image(_png_header_only(10_000, 9_000), max_pixels=10**8)
-    with pytest.raises(ImageTooLargeError):
-        decode_image(_png_header_only(100_000, 100_000))    # Pillow's own bomb error
-    assert idec.DEFAULT_MAX_PIXELS == 89_478_485
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_image(_png_header_only(100_000, 100_000))    # Pillow's own bomb error ...
+    # ... told with our limit, not Pillow's
+    assert str(info.value) == f"image is 10000000000 pixels, over the limit of {idec.DEFAULT_MAX_PIXELS}"
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_image(_png_header_only(9_000, 6_000))        # 54 Mpx: over a 50-Mpx photo's size
+    assert "54000000 pixels, over the limit of 52000000" in str(info.value)
+    with pytest.raises(TruncatedImageError):  # a 50-Mpx phone photo is within the default
+        decode_image(_png_header_only(8_192, 6_144))
+    assert idec.DEFAULT_MAX_PIXELS == 52_000_000
     assert Image.MAX_IMAGE_PIXELS is not None
 
 
@@ -523,3 +530,33 @@ def test_shared_photos_match_pil(path):
     out = decode_image(path.read_bytes())
     _check_output(out, reference.shape)
     np.testing.assert_array_equal(out, reference)
+
+
+def _float_rgb_tiff(width: int = 8, height: int = 8) -> bytes:
+    """A little-endian TIFF of 3 samples of 32-bit floating-point data per pixel, which Pillow
+    cannot open (it reads float TIFFs with one sample only)."""
+    from PIL import TiffImagePlugin
+    pixels = np.linspace(0, 1, width * height * 3, dtype="<f4").tobytes()
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    for tag, value in ((256, width), (257, height), (258, (32, 32, 32)), (259, 1), (262, 2), (277, 3),
+                       (278, height), (279, len(pixels)), (339, (3, 3, 3)), (273, 0)):
+        ifd[tag] = value
+    ifd[273] = 8 + len(ifd.tobytes(8))
+    return b"II*\x00" + struct.pack("<I", 8) + ifd.tobytes(8) + pixels
+
+
+def test_float_rgb_tiff_is_unsupported_not_truncated():
+    data = _float_rgb_tiff()
+    with pytest.raises(UnsupportedImageFormatError) as info:
+        decode_any(data)
+    assert "3 samples of 32-bit floating-point" in str(info.value)
+    assert STATUS[info.value.code] == 415
+    with pytest.raises(TruncatedImageError):  # the same file cut inside its directory
+        decode_any(data[:60])
+
+
+def test_image_size_reads_the_header_alone():
+    assert idec.image_size(_png_header_only(10_000, 9_000)) == (10_000, 9_000)
+    assert idec.image_size(_png_header_only(100_000, 100_000)) is None  # over Pillow's ceiling
+    assert idec.image_size(b"not an image") is None
+    assert idec.image_size(b"") is None

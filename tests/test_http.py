@@ -460,15 +460,26 @@ def test_failed_warm_up_is_reported_by_readyz(extractor):
 
 def test_busy(make_app):
     crop = b64(photo("img1_aligned.jpg"))
-    one = make_app(max_queue=1).test_client()
-    assert one.post("/v1/embed", json={"image": crop}).status_code == 200
-    r = one.post("/v1/embed", json={"images": [crop, crop]})
-    check_error(r, 503, "busy")
-    assert r.headers["Retry-After"]
-    none = make_app(max_queue=0).test_client()
-    for route in POST_ROUTES:
-        body = {"images": [crop, crop]} if route == "/v1/verify" else {"image": crop}
-        check_error(none.post(route, json=body), 503, "busy")
+    app = make_app(max_queue=2)
+    client, runner = app.test_client(), app.extensions["adaface"].runner
+    # more images than the queue holds, on an idle server: the request runs alone, never "busy"
+    assert client.post("/v1/embed", json={"images": [crop, crop, crop]}).status_code == 200
+    runner._admit(2)  # other requests' images in flight: the queue is full
+    try:
+        for route in POST_ROUTES:
+            body = {"images": [crop, crop]} if route == "/v1/verify" else {"image": crop}
+            r = client.post(route, json=body)
+            check_error(r, 503, "busy")
+            assert r.headers["Retry-After"]
+    finally:
+        runner._release(2)
+    runner._admit(1)
+    try:
+        check_error(client.post("/v1/embed", json={"images": [crop, crop]}), 503, "busy")  # 1 + 2 > 2
+        assert client.post("/v1/embed", json={"image": crop}).status_code == 200           # 1 + 1 fits
+    finally:
+        runner._release(1)
+    assert client.post("/v1/verify", json={"images": [crop, crop]}).status_code == 200
 
 
 def _png_1x1() -> bytes:

@@ -123,7 +123,9 @@ def _trigger(status: int, extractor, app):
     if status == 422:
         return app, {"data": grey}
     if status == 503:
-        return _app(extractor, max_queue=0), {"data": crop}
+        full = _app(extractor, max_queue=1)
+        full.extensions["adaface"].runner._admit(1)  # another request's image in flight
+        return full, {"data": crop}
     raise AssertionError(f"/v1/embed documents status {status}; add a request that produces it")
 
 

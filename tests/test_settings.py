@@ -24,7 +24,11 @@ def test_defaults_come_from_the_library():
     ("ADAFACE_ALIGN", "AUTO", "auto, always, never"),
     ("ADAFACE_BACKEND", "tensorrt", "auto, torch, onnx"),
     ("ADAFACE_MAX_FACES", "0", "between 1 and 1000"),
-    ("ADAFACE_MIN_FACE_SIZE", "0.5", "between 1 and 10000"),
+    ("ADAFACE_MIN_FACE_SIZE", "11", "between 12 and 10000"),
+    ("ADAFACE_MAX_PIXELS", "200000000", "between 1 and 178956970"),
+    ("ADAFACE_MAX_QUEUE", "0", "more than 0"),
+    ("ADAFACE_PIXEL_BUDGET", "0", "more than 0"),
+    ("ADAFACE_BODY_TIMEOUT", "-1", "more than 0"),
     ("ADAFACE_VERIFY_THRESHOLD", "1.5", "between -1.0 and 1.0"),
     ("ADAFACE_MAX_BATCH", "-1", "0 or more"),
     ("ADAFACE_WORKERS", "0", "more than 0"),
@@ -80,3 +84,29 @@ def test_the_command_line_stops_on_a_bad_setting(tmp_path):
                              f"sqlite:///{tmp_path}/g.db"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "ADAFACE_FACES='everyone'" in result.stderr
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("ADAFACE_ARCH", "ir_1000", "ir_18, ir_34, ir_50, ir_101"),
+    ("ADAFACE_ARCH", "IR_18", "ir_18, ir_34, ir_50, ir_101"),
+    ("ADAFACE_DEVICE", "gpu", "auto, cpu, cuda or cuda:N"),
+    ("ADAFACE_DEVICE", "cuda:x", "auto, cpu, cuda or cuda:N"),
+    ("ADAFACE_DEVICE", "cuda:", "auto, cpu, cuda or cuda:N"),
+    ("ADAFACE_MAX_QUEUE", "0", "more than 0"),
+    ("ADAFACE_MAX_QUEUE", "abc", "not a valid int"),
+])
+def test_bad_model_settings_are_refused_at_start(variable, value, words):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({variable: value})
+    message = str(info.value)
+    assert variable in message and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "CUDA:1", "Cpu"])
+def test_every_device_form_is_accepted(device):
+    assert Settings.from_env({"ADAFACE_DEVICE": device}).device == device
+
+
+@pytest.mark.parametrize("arch", ["", *opt.ARCH_NAMES])
+def test_every_architecture_name_is_accepted(arch):
+    assert Settings(arch=arch).arch == arch

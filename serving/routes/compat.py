@@ -54,7 +54,7 @@ def _as_bytes(data) -> Response:
 
 
 def _body() -> bytes:
-    return request.get_data(cache=False)
+    return requests.body_bytes(request)
 
 
 def _single_input():

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Literal, Optional, Union
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import numpy as np
+import orjson
 from flask import Blueprint, current_app, request
 from pydantic import Field
 
 from adaface import options as opt
 from adaface.decode import decode_base64, looks_like_image
 from adaface.errors import NoFaceError
+from gallery.errors import BadNameError
 from gallery.galleries import decide, photo_sha256
-from gallery.store import NewFace
+from gallery.store import NewFace, check_metadata
 
 from .. import requests
 from ..errors import ApiError, error_entry
@@ -31,7 +34,8 @@ from ..service import current
 blueprint = Blueprint("galleries", __name__, url_prefix="/v1/galleries")
 
 GALLERY = {"gallery": "gallery name: letters, digits, '_', '.', '-' (1 to 64)"}
-GALLERY_IDENTITY = {**GALLERY, "identity": "identity name (no '/')"}
+GALLERY_IDENTITY = {**GALLERY, "identity": "identity name: 1 to 200 characters of UTF-8 (percent-encoded), no '/' "
+                                           "(not even as %2F), no control characters"}
 IMAGE_BODY = {"application/octet-stream": RAW_IMAGE, "text/plain": BASE64_IMAGE,
               "application/json": EmbedRequest, "multipart/form-data": FILES}
 
@@ -166,19 +170,18 @@ def _geometry(face) -> dict:
 # -- request parsing -------------------------------------------------------------------------------
 
 def _metadata_arg():
-    """``metadata`` from a JSON body's field or a multipart form field holding JSON text."""
+    """``metadata`` from a JSON body's field or a multipart form field holding JSON text, checked
+    as the store checks it (400 ``bad_metadata``), before any embedding work."""
     if requests.is_json(request):
-        metadata = (request.get_json(silent=True) or {}).get("metadata")
+        metadata = requests.json_object(request).get("metadata")
     elif request.mimetype == "multipart/form-data" and request.form.get("metadata"):
-        import orjson
         try:
             metadata = orjson.loads(request.form["metadata"])
         except orjson.JSONDecodeError:
             raise ApiError(400, "bad_json", "the metadata form field is not valid JSON") from None
     else:
         return None
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ApiError(400, "bad_json", "metadata must be a JSON object")
+    check_metadata(metadata)
     return metadata
 
 
@@ -195,6 +198,44 @@ def photo_bytes(data) -> bytes:
 
 def _state():
     return current_app.extensions["adaface_gallery"]
+
+
+# -- names in the path -----------------------------------------------------------------------------
+
+def _raw_segments(environ) -> tuple:
+    """``(segments, encoded)``: the path's segments as bytes, percent-encoded as the client sent
+    them (``RAW_URI`` or ``REQUEST_URI``) and ``encoded`` True; or, where the server gives neither,
+    the decoded ``PATH_INFO`` (an encoded '/' is then a '/') and False."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        path = raw.split("?", 1)[0] if raw.startswith("/") else urlsplit(raw).path
+        try:
+            return path.encode("latin-1").split(b"/"), True
+        except UnicodeEncodeError:
+            pass
+    return environ.get("PATH_INFO", "").encode("latin-1", "replace").split(b"/"), False
+
+
+@blueprint.before_app_request
+def check_path_names():
+    """400 ``bad_name`` for a gallery path holding an encoded '/' (``%2F``) or a name that is not
+    valid UTF-8: werkzeug would decode the first as a separator and the second with replacement
+    characters, so two different names would reach the same identity.
+
+    Registered for the whole app and limited to paths under the prefix: a hook of the blueprint
+    alone would not run where the decoded '/' leaves a path that no route matches."""
+    if not request.path.startswith(blueprint.url_prefix + "/"):
+        return None
+    segments, encoded = _raw_segments(request.environ)
+    for segment in segments:
+        if encoded and b"%2f" in segment.lower():
+            raise BadNameError("a gallery or identity name cannot contain '/', also not sent as %2F")
+        try:
+            (unquote_to_bytes(segment) if encoded else segment).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadNameError("gallery and identity names in the path must be UTF-8 (percent-encoded); "
+                               f"got {segment.decode('latin-1')!r}") from None
+    return None
 
 
 # -- galleries -------------------------------------------------------------------------------------
