@@ -8,7 +8,7 @@ One gunicorn server (``gunicorn.conf.py``, synthetic weights of ``--arch``, an A
 1. **alone**: one client sends aligned 112×112 crops to ``/v1/embed`` for ``--seconds``:
    p50/p99 latency;
 2. **hostile**: the same client again while ``--hostile`` clients keep near-empty images of
-   ``--megapixels`` (a black PNG, 100-odd kB) in flight back to back: the crops' p50/p99, the
+   ``--megapixels`` (a black PNG, 100-odd kB; square, or ``--height`` pixels high) in flight: the crops' p50/p99, the
    hostile requests' own times, the server's peak RSS (all its processes, every 0.25 s), and
    its RSS after 5 s idle (what was handed back);
 3. **keyless uploads**: ``--uploads`` connections send a chunked body of ``--upload-mib`` MiB
@@ -57,12 +57,16 @@ def crops() -> list:
     return out
 
 
-def near_empty_png(megapixels: float) -> bytes:
-    """A square black PNG of about ``megapixels``, with a few grey specks (compresses to ~100 kB)."""
-    side = int((megapixels * 1e6) ** 0.5)
-    pixels = np.zeros((side, side), np.uint8)
+def near_empty_png(megapixels: float, height: int = 0) -> bytes:
+    """A black PNG of about ``megapixels``, square or ``height`` pixels high, with a few grey
+    specks (it compresses to a few hundred kB)."""
+    if height:
+        width = int(megapixels * 1e6 / height)
+    else:
+        width = height = int((megapixels * 1e6) ** 0.5)
+    pixels = np.zeros((height, width), np.uint8)
     rng = np.random.default_rng(1)
-    pixels[rng.integers(0, side, 200), rng.integers(0, side, 200)] = 128
+    pixels[rng.integers(0, height, 200), rng.integers(0, width, 200)] = 128
     buffer = io.BytesIO()
     Image.fromarray(pixels).convert("RGB").save(buffer, "PNG", compress_level=9)
     return buffer.getvalue()
@@ -123,7 +127,7 @@ def crop_client(port: int, seconds: float) -> list:
 
 
 def hostile_phase(server: Server, args) -> dict:
-    image = near_empty_png(args.megapixels)
+    image = near_empty_png(args.megapixels, args.height)
     stop, times, statuses = threading.Event(), [], []
 
     def attacker():
@@ -221,6 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--hostile", type=int, default=3)
     parser.add_argument("--megapixels", type=float, default=80)
+    parser.add_argument("--height", type=int, default=0,
+                        help="hostile images this many pixels high (0: square); 89 makes the widest P-Net strips")
     parser.add_argument("--uploads", type=int, default=16)
     parser.add_argument("--upload-mib", type=int, default=20)
     parser.add_argument("--methods", type=int, default=1500)

@@ -13,7 +13,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from adaface.threads import gevent_active
+from adaface.threads import gevent_active, start_new_thread
 
 from .errors import ApiError
 from .memory import release_free_heap
@@ -111,6 +111,12 @@ def _body_error(status: int, code: str, message: str) -> ApiError:
     return ApiError(status, code, message)
 
 
+def _release_heap_later() -> None:
+    """``malloc_trim`` in a native thread of its own: with a large heap it takes a while, and
+    the answer's greenlet is on the event loop."""
+    start_new_thread(release_free_heap, ())
+
+
 def method_label(method: str) -> str:
     """The metrics label of an HTTP method: its name if standard, else ``other``."""
     return method if method in KNOWN_METHODS else "other"
@@ -141,7 +147,7 @@ def install(app: Flask, service) -> None:
         service.metrics.observe_request(rule, method_label(request.method), response.status_code,
                                         time.perf_counter() - started)
         if g.get("body_bytes", 0) >= LARGE_BODY_BYTES:
-            response.call_on_close(release_free_heap)
+            response.call_on_close(_release_heap_later)
         return response
 
     @app.teardown_request

@@ -48,7 +48,9 @@ class Server:
         env.update({"ADAFACE_WEIGHTS": "synthetic", "ADAFACE_ARCH": "ir_18", "ADAFACE_DEVICE": "cpu",
                     "ADAFACE_GALLERY_URL": url, "ADAFACE_BIND": f"127.0.0.1:{self.port}",
                     "ADAFACE_WORKERS": str(workers), "ADAFACE_THREADS": "1", "ADAFACE_WARMUP": "false",
-                    "ADAFACE_LOG_LEVEL": log_level})
+                    "ADAFACE_LOG_LEVEL": log_level,
+                    # its run folder (control socket, metrics) beside the log: a kill -9 leaves it there
+                    "TMPDIR": str(log.parent)})
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "flask_http_server:app"], cwd=REPO,
                                          env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
