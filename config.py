@@ -80,6 +80,9 @@ class Settings:
     gallery_url: str = "sqlite:///data/gallery.db"  # sqlite:///path (relative: from the repo) or postgresql://...
     identify_threshold: float = opt.DEFAULT_IDENTIFY_THRESHOLD  # similarity at or above which identify says
                                             # "match"; its own setting: raise it for large galleries (see `calibrate`)
+    ann_min_faces: int = opt.DEFAULT_ANN_MIN_FACES  # gallery faces from which search walks an HNSW graph
+                                            # (approximate, rescored in float32); 0: always the float16 scan
+    store_crops: bool = True                # keep each enrolled face's aligned crop (PNG): what a re-embed needs
     api_keys: str = ""                      # comma-separated keys; empty: no auth
     api_keys_file: str = ""                 # file with one key per line
     log_level: str = "INFO"
@@ -168,7 +171,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BOUNDS = {"max_faces": opt.MAX_FACES, "min_face_size": opt.MIN_FACE_SIZE, "max_pixels": opt.PIXEL_CEILING,
            "verify_threshold": opt.SIMILARITY, "identify_threshold": opt.SIMILARITY}
 _NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_wait_ms", "malloc_arenas",
-                 "onednn_cache")
+                 "onednn_cache", "ann_min_faces")
 _POSITIVE = ("max_body_bytes", "max_images", "max_queue", "workers", "timeout", "pixel_budget", "large_image",
              "body_timeout")
 #: ADAFACE_* variables that are not settings but are read by tools (the tests' data folder)

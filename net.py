@@ -377,6 +377,21 @@ def resolve_weights_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """Hex SHA-256 of a loaded backbone's weights, whatever file they came from: every tensor of
+    its state dict in key order (name, shape, then its values as little-endian float32), BN's
+    ``num_batches_tracked`` counters left out. The same weights from a ``.ckpt``, a ``.pt`` or a
+    ``.safetensors`` give the same fingerprint; any changed value gives another."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        if key.endswith("num_batches_tracked"):
+            continue
+        values = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+        digest.update(f"{key}:{tuple(values.shape)};".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()

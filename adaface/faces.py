@@ -25,6 +25,7 @@ class Face:
     box: Optional[np.ndarray] = None
     score: Optional[float] = None
     landmarks: Optional[np.ndarray] = None
+    crop: Optional[np.ndarray] = field(default=None, repr=False)  # the 112×112×3 uint8 RGB crop embedded
 
     def to_dict(self) -> dict:
         """JSON-ready dict (NumPy arrays kept; serialise with orjson's numpy option)."""
@@ -46,7 +47,7 @@ class FaceCrop:
     landmarks: Optional[np.ndarray] = None
 
     def with_embedding(self, embedding: np.ndarray, norm: float) -> Face:
-        return Face(embedding, float(norm), self.box, self.score, self.landmarks)
+        return Face(embedding, float(norm), self.box, self.score, self.landmarks, self.crop)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import net
 
 from .backends import make_backend
 from .device import resolve_device
+from .identity import ModelIdentity
 from .options import DEFAULT_BACKEND, DEFAULT_DEVICE, EMBEDDING_SIZE, SYNTHETIC
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Model:
             self.backbone = net.load_backbone(self.weights_path, arch=arch or None, device=self.device)
             self.arch = next(n for n, d in net.ARCHS.items() if d == self.backbone.units_per_stage)
             self.weights_sha256 = net.file_sha256(self.weights_path)
+        self.identity = ModelIdentity(self.arch, net.weights_fingerprint(self.backbone), self.synthetic)
         key = (f"{self.arch}-seed0-torch{torch.__version__.split('+')[0]}" if self.synthetic
                else self.weights_sha256[:16])
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -73,5 +75,6 @@ class Model:
     def info(self) -> dict:
         """What is loaded: architecture, weights file and sha256, device, backend."""
         return {"arch": self.arch, "weights": SYNTHETIC if self.synthetic else str(self.weights_path),
-                "weights_sha256": self.weights_sha256, "synthetic": self.synthetic,
+                "weights_sha256": self.weights_sha256, "weights_fingerprint": self.identity.fingerprint,
+                "synthetic": self.synthetic,
                 "device": str(self.device), "backend": self.backend.name, "embedding_size": EMBEDDING_SIZE}

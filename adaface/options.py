@@ -68,6 +68,8 @@ PIXEL_CEILING = Bound(1, 178_956_970)
 DEFAULT_VERIFY_THRESHOLD = 0.35
 DEFAULT_IDENTIFY_THRESHOLD = 0.35
 DEFAULT_TOP_K = 5
+#: gallery faces from which search goes through an HNSW graph instead of the float16 scan
+DEFAULT_ANN_MIN_FACES = 200_000
 DEFAULT_LIST_LIMIT = 100
 #: faces per network forward when none is configured, by device type
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}

@@ -90,6 +90,7 @@ class Extractor:
     weights_path = property(lambda self: self.model.weights_path)
     weights_sha256 = property(lambda self: self.model.weights_sha256)
     backend = property(lambda self: self.model.backend)
+    identity = property(lambda self: self.model.identity)
 
     def info(self) -> dict:
         """What is loaded (see :meth:`adaface.model.Model.info`) and the forward's batch limit."""

@@ -1,220 +1,334 @@
-"""Identify's search step against large galleries: exact cosine top-k over random unit vectors.
+"""Identify's search on large synthetic galleries: latency, recall against exact search, memory, build.
 
-    python bench/gallery.py [--sizes 100000,1000000] [--probes 50] [--top-k 5] [--threads N] [--json]
+    python bench/gallery.py [--sizes 1000000] [--store file|sqlite] [--ef 64,128,256] [--rank 64]
+                            [--per-identity 4] [--probes 300] [--top-k 5] [--min-faces 200000]
+                            [--connectivity 16] [--expansion-add 40] [--dtype i8] [--folder DIR] [--json]
 
-For each size it fills a :class:`gallery.index.SearchIndex` (what each worker or replica holds
-in memory) with random float32 unit vectors, four faces per identity, then times
-``SearchIndex.search`` for one probe at a time: the matrix-vector product over every stored face
-and the top-k selection by identity. It prints the median and 90th percentile per probe, the
-product and the selection timed apart, the memory the index holds and the process's resident
-memory, and checks the results against a float64 brute force (exact: same faces, similarities
-within float32 rounding). ``--float16`` also times float16 storage options (reported, not
-used by the service) with their cosine error. ``--store`` also times the per-search store round trip on SQLite (the
-version check and the candidates' names). Targets on the 2-core machine: 20 ms at 100,000 faces,
-150 ms at 1,000,000.
+**The galleries** have identity structure. Each identity has a centre ``c = normalise(B z)``,
+``z ~ N(0, I_rank)`` with ``B`` a fixed orthonormal 512 x ``rank`` basis: trained face models
+fill a low-dimensional part of the sphere, and ``--rank 64`` gives different-identity face
+cosines of mean 0 and standard deviation 0.08 (``--rank 512`` is isotropic, the worst case for a
+graph, where nothing but the right identity is near a probe). Each face is
+``normalise(c + s n / sqrt(512))`` with ``n ~ N(0, I_512)`` and ``s`` uniform in [0.65, 1.0],
+so two faces of one identity have cosine 0.5 to 0.7. ``--per-identity`` faces per identity.
+Probes are new faces (fresh noise) of enrolled identities, so each has a right answer.
+Faces are made ``CHUNK`` (100,000; 200 MB of float32) at a time from seeds, never all at once:
+ten million faces are 20 GB of float32, more than the machine's memory.
+
+**Where the exact vectors come from** (the rescoring, and exact search):
+
+- ``--store file`` (default): a float32 file of every face in a temporary folder, read back with
+  ``pread`` by a small class with the store's ``vectors(face_ids)``. It stands in for the store
+  (a real SQLite store of ten million faces is about 22 GB and takes hours to fill); the index is
+  built straight from the chunks (``SearchIndex.load_chunks``), never holding a float16 copy.
+- ``--store sqlite``: every face enrolled in a real SQLite store through ``GalleryStore.enroll``
+  (about 1 ms per identity), then loaded as the service loads it (``Indexes.index``: the store's
+  snapshot, the float16 matrix, the graph built in the background), and searched through
+  ``Indexes.search`` (the version check, the search, the rescoring read) and ``Galleries.identify``
+  (plus the candidates' names).
+
+**Reported** per size: the index kind, build or load time, the index's own bytes and the
+process's resident memory (VmRSS; RssAnon is the process's own memory, RssFile the mapped files
+and libraries; VmHWM the peak), the exact search's time for all probes at once; then per
+``expansion_search`` (``--ef``, graph indexes) the median and 99th percentile per probe (one probe
+per call) and recall@1: how often the identity ranked first is the exact float32 answer's first.
+The exact answer comes from scoring every chunk against the probes as it is made; the index's
+own ``exact=True`` search is checked against it.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+
 CHUNK = 100_000
-FACES_PER_IDENTITY = 4
+DIM = 512
+ROW_BYTES = DIM * 4
 
 
-def rss_bytes() -> int:
+def memory_mib() -> dict:
+    """The process's memory from /proc/self/status, in MiB."""
+    found = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def fill(index, size: int, seed: int = 0):
-    """Add ``size`` random unit vectors in chunks; returns a few stored rows to use as probes."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    index.reserve(size)
-    kept = None
-    for start in range(0, size, CHUNK):
-        count = min(CHUNK, size - start)
-        x = rng.standard_normal((count, 512), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        ids = np.arange(start, start + count, dtype=np.int64)
-        index.add(ids + 1, ids // FACES_PER_IDENTITY, x)
-        if kept is None:
-            kept = x[:8].copy()
-    return kept
-
-
-def timed(fn, repeats: int) -> list:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - began) * 1000)
-    return times
-
-
-def check_exact(index, probes, top_k: int) -> float:
-    """Largest |similarity - float64 similarity| over the results; raises if any face differs."""
-    import numpy as np
-    n = len(index)
-    matrix = index._matrix[:n]
-    worst = 0.0
-    for probe in probes:
-        p64 = probe.astype(np.float64)
-        exact = np.concatenate([matrix[s:s + CHUNK].astype(np.float64) @ p64 for s in range(0, n, CHUNK)])
-        hits = index.search(probe[None], top_k)[0]
-        best_per_identity = {}
-        for row in np.argsort(-exact)[: top_k * 50]:
-            best_per_identity.setdefault(int(index._identity_ids[row]), row)
-        expected = list(best_per_identity.values())[:top_k]
-        got_scores = np.array([h.similarity for h in hits])
-        want_scores = exact[expected]
-        worst = max(worst, float(np.max(np.abs(got_scores - want_scores))))
-        if [int(index._face_ids[r]) for r in expected] != [h.face_id for h in hits]:
-            # ties within float32 rounding may swap; the scores must still agree
-            if not np.allclose(np.sort(got_scores), np.sort(want_scores), atol=1e-6):
-                raise AssertionError("search results differ from the float64 brute force")
-    return worst
-
-
-def bench_size(size: int, probes: int, top_k: int, float16: bool = False) -> dict:
-    import numpy as np
-
-    from gallery.index import SearchIndex, _top_rows
-    before = rss_bytes()
-    index = SearchIndex(gallery_id=1)
-    began = time.perf_counter()
-    stored = fill(index, size)
-    fill_s = time.perf_counter() - began
-    held = index.nbytes
-    rng = np.random.default_rng(1)
-    queries = rng.standard_normal((probes, 512), dtype=np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    queries[: len(stored) // 2] = stored[: len(stored) // 2]          # some probes are stored faces
-    it = iter(range(10 ** 9))
-    search = timed(lambda: index.search(queries[next(it) % probes][None], top_k), probes)
-    matrix = index._matrix[:size]
-    probe = queries[0]
-    product = timed(lambda: matrix @ probe, min(probes, 20))
-    scores = matrix @ probe
-    select = timed(lambda: _top_rows(scores, index._identity_ids[:size], top_k), min(probes, 20))
-    error = check_exact(index, queries[:4], top_k)
-    options = bench_float16(matrix, probe, min(probes, 10)) if float16 else []
-    result = {"faces": size, "identities": size // FACES_PER_IDENTITY, "probes": probes, "top_k": top_k,
-              "median_ms": statistics.median(search), "p90_ms": sorted(search)[int(0.9 * (len(search) - 1))],
-              "product_ms": statistics.median(product), "select_ms": statistics.median(select),
-              "index_mib": held / 2 ** 20, "rss_growth_mib": (rss_bytes() - before) / 2 ** 20,
-              "rss_mib": rss_bytes() / 2 ** 20, "fill_s": fill_s, "max_abs_error": error, "options": options}
-    return result
-
-
-def bench_float16(matrix, probe, repeats: int) -> list:
-    """Options measured, not shipped: float16 storage (half the bytes to stream per probe).
-
-    ``chunked``: float16 rows converted to float32 a block at a time, float32 products (exact
-    for the float16-rounded vectors); ``half mv``: torch's float16 matrix-vector product. Each
-    with its time (ms, median), memory (MiB) and largest |cosine error| against float32.
-    """
-    import torch
-
-    from gallery.index import top_indices
-    exact = torch.from_numpy(matrix @ probe)
-    half = torch.from_numpy(matrix).half()
-    p16 = torch.from_numpy(probe).half()
-    block = torch.empty((4096, 512))                 # 8 MiB: stays in the L3 cache
-    out = torch.empty(len(half))
-    p32 = torch.from_numpy(probe)
-
-    def chunked():
-        # all in torch: alternating torch and OpenBLAS thread pools per block costs far more
-        for start in range(0, len(half), len(block)):
-            end = min(len(half), start + len(block))
-            block[:end - start].copy_(half[start:end])
-            torch.mv(block[:end - start], p32, out=out[start:end])
-        return top_indices(out.numpy(), 32)
-
-    def half_mv():
-        return torch.topk(torch.mv(half, p16).float(), 32)
-
-    found = []
-    for name, fn, scores in (("float16 storage, float32 products in blocks", chunked, lambda: out),
-                             ("float16 storage, float16 products (torch.mv)", half_mv,
-                              lambda: torch.mv(half, p16).float())):
-        times = timed(fn, repeats)
-        error = float((scores() - exact).abs().max())
-        found.append({"option": name, "median_ms": statistics.median(times), "memory_mib": half.nbytes / 2 ** 20,
-                      "max_abs_error": error})
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+                found[key] = int(line.split()[1]) / 1024
     return found
 
 
-def bench_store(faces: int = 1000) -> dict:
-    """Per-search store round trip on SQLite: version check before, names after (ms, median)."""
-    import numpy as np
+class Synthetic:
+    """A gallery of ``size`` faces, ``per_identity`` per identity, made reproducibly a chunk at a time.
 
-    from gallery import Galleries, NewFace
-    with tempfile.TemporaryDirectory() as folder:
-        galleries = Galleries.open(f"sqlite:///{folder}/bench.db")
-        galleries.store.create_gallery("bench")
-        rng = np.random.default_rng(2)
-        x = rng.standard_normal((faces, 512), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        for start in range(0, faces, 100):
-            galleries.store.enroll("bench", f"p{start}", [NewFace(v, 20.0, f"s{start + i}")
-                                                          for i, v in enumerate(x[start:start + 100])])
-        full = timed(lambda: galleries.identify("bench", x[:1], 5), 50)
-        search = timed(lambda: galleries.indexes.loaded("bench").search(x[:1], 5), 50)
-        galleries.close()
-    return {"store": "sqlite", "faces": faces, "identify_ms": statistics.median(full),
-            "search_only_ms": statistics.median(search),
-            "round_trip_ms": statistics.median(full) - statistics.median(search)}
+    Face ``i`` (0-based) has face id ``i + 1`` and identity id ``i // per_identity + 1``.
+    """
+
+    def __init__(self, size: int, per_identity: int, rank: int, seed: int = 0):
+        if CHUNK % per_identity:
+            raise ValueError(f"--per-identity must divide {CHUNK}")
+        self.size, self.per_identity, self.rank, self.seed = size, per_identity, rank, seed
+        self.identities = -(-size // per_identity)
+        rng = np.random.default_rng([seed, 0])
+        self.basis = None if rank >= DIM else np.linalg.qr(rng.standard_normal((DIM, rank)))[0].astype(np.float32)
+
+    def _centres(self, block: int) -> np.ndarray:
+        """float32 (CHUNK / per_identity, 512): the unit centres of one chunk's identities."""
+        z = np.random.default_rng([self.seed, 1, block]).standard_normal((CHUNK // self.per_identity, self.rank),
+                                                                          dtype=np.float32)
+        c = z @ self.basis.T if self.basis is not None else z
+        return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+    @staticmethod
+    def _faces(centres: np.ndarray, rng) -> np.ndarray:
+        s = rng.uniform(0.65, 1.0, (len(centres), 1)).astype(np.float32)
+        faces = centres + s * rng.standard_normal(centres.shape, dtype=np.float32) / math.sqrt(DIM)
+        return (faces / np.linalg.norm(faces, axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+    def chunks(self):
+        """(face ids, identity ids, float32 (k, 512) unit rows) for every chunk, in order."""
+        for block, start in enumerate(range(0, self.size, CHUNK)):
+            count = min(CHUNK, self.size - start)
+            index = np.arange(start, start + count)
+            centres = self._centres(block)[(index - start) // self.per_identity]
+            vectors = self._faces(centres, np.random.default_rng([self.seed, 2, block]))
+            yield index + 1, index // self.per_identity + 1, vectors
+
+    def probes(self, count: int) -> tuple:
+        """(identity ids (count,), float32 (count, 512)): new faces of distinct enrolled identities."""
+        rng = np.random.default_rng([self.seed, 3])
+        identities = np.sort(rng.choice(self.identities, size=min(count, self.identities), replace=False))
+        per_block = CHUNK // self.per_identity
+        centres = np.concatenate([self._centres(block)[identities[identities // per_block == block] % per_block]
+                                  for block in np.unique(identities // per_block)])
+        return identities + 1, self._faces(centres, rng)
+
+
+class FileVectors:
+    """The store's ``vectors(face_ids)`` over a float32 file (face id ``i`` at row ``i - 1``), read
+    with ``pread`` (the page cache, not the process, holds what was read)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def vectors(self, face_ids) -> tuple:
+        ids = np.unique(np.asarray(face_ids, np.int64))
+        if len(ids) == 0:
+            return ids, np.zeros((0, DIM), np.float32)
+        runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
+        data = b"".join(os.pread(self._fd, len(run) * ROW_BYTES, int(run[0] - 1) * ROW_BYTES) for run in runs)
+        return ids, np.frombuffer(data, "<f4").reshape(len(ids), DIM).copy()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class Truth:
+    """The exact float32 first identity for each probe, kept up to date chunk by chunk."""
+
+    def __init__(self, probes: np.ndarray):
+        self.probes = probes
+        self.score = np.full(len(probes), -np.inf, np.float32)
+        self.identity = np.zeros(len(probes), np.int64)
+
+    def see(self, identity_ids: np.ndarray, vectors: np.ndarray) -> None:
+        scores = vectors @ self.probes.T                           # (k, m)
+        rows = scores.argmax(axis=0)
+        best = scores[rows, np.arange(len(self.probes))]
+        better = best > self.score
+        self.score[better] = best[better]
+        self.identity[better] = identity_ids[rows[better]]
+
+
+def watched(chunks, truth: Truth, sink, spent: list):
+    """Pass the chunks on, scoring each for the truth and handing it to ``sink`` first; the time
+    that takes (and the making of the chunk) is added to ``spent[0]``."""
+    it = iter(chunks)
+    while True:
+        began = time.perf_counter()
+        try:
+            chunk = next(it)
+        except StopIteration:
+            return
+        truth.see(chunk[1], chunk[2])
+        sink(chunk)
+        spent[0] += time.perf_counter() - began
+        yield chunk
+
+
+def per_probe_ms(fn, probes: np.ndarray) -> tuple:
+    """(times in ms, results): ``fn`` called once per probe, after two warm-up calls."""
+    fn(probes[:1])
+    fn(probes[-1:])
+    times, results = [], []
+    for j in range(len(probes)):
+        began = time.perf_counter()
+        results.append(fn(probes[j:j + 1])[0])
+        times.append((time.perf_counter() - began) * 1000)
+    return times, results
+
+
+def recall_at_1(results: list, truth: Truth, identity_of=lambda h: h.identity_id) -> float:
+    return float(np.mean([bool(r) and identity_of(r[0]) == t for r, t in zip(results, truth.identity)]))
+
+
+def timing_row(ef, times: list, results: list, truth: Truth, identity_of=lambda h: h.identity_id) -> dict:
+    ordered = sorted(times)
+    return {"ef": ef, "p50_ms": statistics.median(times), "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "recall_at_1": recall_at_1(results, truth, identity_of)}
+
+
+def sweep(index, search, efs: list, probes: np.ndarray, truth: Truth, identity_of=lambda h: h.identity_id) -> list:
+    """Per-probe timing and recall at each expansion_search (once for a float16 index)."""
+    rows = []
+    for ef in (efs if index.kind == "hnsw" else [None]):
+        if ef is not None:
+            index.params = replace(index.params, expansion_search=ef)
+        times, results = per_probe_ms(search, probes)
+        rows.append(timing_row(ef, times, results, truth, identity_of))
+    return rows
+
+
+def exact_check(index, probes: np.ndarray, truth: Truth, top_k: int) -> dict:
+    """The index's exact search for all probes at once: its time and its agreement with the truth."""
+    began = time.perf_counter()
+    found = index.search(probes, top_k, exact=True)
+    seconds = time.perf_counter() - began
+    return {"exact_s": seconds, "exact_agrees": recall_at_1(found, truth)}
+
+
+def bench_file(gen: Synthetic, params, args, folder: Path) -> dict:
+    from gallery.index import SearchIndex
+    ids, probes = gen.probes(args.probes)
+    truth = Truth(probes)
+    path = folder / f"vectors-{gen.size}.f32"
+    before = memory_mib()
+    spent = [0.0]
+    with open(path, "wb") as out:
+        source = FileVectors(path)
+        index = SearchIndex(1, source=source, params=params)
+        began = time.perf_counter()
+        index.load_chunks(1, watched(gen.chunks(), truth, lambda c: out.write(c[2].tobytes()), spent), gen.size)
+        total = time.perf_counter() - began
+    result = {"faces": gen.size, "store": "float32 file (stand-in for the store)", "kind": index.kind,
+              "build_s": total - spent[0], "generate_s": spent[0], "index_mib": index.nbytes / 2 ** 20,
+              "memory_before_mib": before, "memory_mib": memory_mib()}
+    result["searches"] = sweep(index, lambda p: index.search(p, args.top_k), args.efs, probes, truth)
+    result.update(exact_check(index, probes, truth, args.top_k))
+    result["memory_after_mib"] = memory_mib()
+    source.close()
+    path.unlink()
+    return result
+
+
+def fill_sqlite(store, gen: Synthetic, truth: Truth) -> float:
+    """Enroll every face (one enroll per identity); seconds taken."""
+    from gallery.store import NewFace
+    store.create_gallery("bench")
+    began = time.perf_counter()
+    for face_ids, identity_ids, vectors in gen.chunks():
+        truth.see(identity_ids, vectors)
+        for start in range(0, len(face_ids), gen.per_identity):
+            identity = int(identity_ids[start])
+            faces = [NewFace(vectors[i], 20.0, f"{face_ids[i]:x}") for i in range(start, start + gen.per_identity)]
+            enrolled = store.enroll("bench", f"p{identity}", faces)
+            if enrolled.identity.id != identity or enrolled.faces[0][0].id != face_ids[start]:
+                raise RuntimeError("the store's ids do not follow the enrolment order; use a fresh folder")
+    return time.perf_counter() - began
+
+
+def bench_sqlite(gen: Synthetic, params, args, folder: Path) -> dict:
+    from gallery.galleries import Galleries
+    from gallery.open import open_store
+    ids, probes = gen.probes(args.probes)
+    truth = Truth(probes)
+    store = open_store(f"sqlite:///{folder}/bench-{gen.size}.db")
+    fill_s = fill_sqlite(store, gen, truth)
+    galleries = Galleries(store, params)
+    before = memory_mib()
+    began = time.perf_counter()
+    index = galleries.indexes.index("bench")
+    loaded = time.perf_counter() - began
+    index.wait_built()
+    built = time.perf_counter() - began
+    result = {"faces": gen.size, "store": "sqlite", "kind": index.kind, "fill_s": fill_s, "load_s": loaded,
+              "build_s": built, "index_mib": index.nbytes / 2 ** 20, "memory_before_mib": before,
+              "memory_mib": memory_mib()}
+    result["searches"] = sweep(index, lambda p: galleries.indexes.search("bench", p, args.top_k), args.efs, probes, truth)
+    names = {f"p{i}": i for i in truth.identity}
+    times, found = per_probe_ms(lambda p: galleries.identify("bench", p, args.top_k), probes)
+    result["identify"] = timing_row(index.params.expansion_search, times, found, truth,
+                                    lambda c: names.get(c.identity, -1))
+    result.update(exact_check(index, probes, truth, args.top_k))
+    result["memory_after_mib"] = memory_mib()
+    galleries.close()
+    return result
+
+
+def print_result(r: dict) -> None:
+    m = r["memory_mib"]
+    print(f"\n{r['faces']:,} faces, {r['kind']} index, vectors from: {r['store']}")
+    if "fill_s" in r:
+        print(f"  filled the store in {r['fill_s']:.0f} s; loaded in {r['load_s']:.1f} s, graph built after "
+              f"{r['build_s']:.0f} s")
+    else:
+        print(f"  built in {r['build_s']:.0f} s ({r['faces'] / max(r['build_s'], 1e-9):,.0f} faces/s; making the "
+              f"faces took another {r['generate_s']:.0f} s)")
+    print(f"  index {r['index_mib']:,.0f} MiB; process RSS {m['VmRSS']:,.0f} MiB (own {m['RssAnon']:,.0f}, "
+          f"files {m['RssFile']:,.0f}), peak {m['VmHWM']:,.0f} MiB; after searching RSS "
+          f"{r['memory_after_mib']['VmRSS']:,.0f} MiB")
+    print(f"  exact search, all probes at once: {r['exact_s']:.1f} s; agrees with the truth: {r['exact_agrees']:.3f}")
+    for s in r["searches"] + ([dict(r["identify"], ef=f"{r['identify']['ef']} (identify)")] if "identify" in r else []):
+        label = "float16 scan" if s["ef"] is None else f"ef {s['ef']}"
+        print(f"  {label:>18}: p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  recall@1 {s['recall_at_1']:.3f}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="100000,1000000")
-    parser.add_argument("--probes", type=int, default=50)
+    parser.add_argument("--sizes", default="1000000")
+    parser.add_argument("--store", choices=("file", "sqlite"), default="file")
+    parser.add_argument("--ef", default="64,128,256", help="expansion_search values to time (graph indexes)")
+    parser.add_argument("--rank", type=int, default=64, help="dimension the identity centres span (512: isotropic)")
+    parser.add_argument("--per-identity", type=int, default=4)
+    parser.add_argument("--probes", type=int, default=300)
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="BLAS and torch threads (default: all cores)")
-    parser.add_argument("--store", action="store_true", help="also time the SQLite round trip per search")
-    parser.add_argument("--float16", action="store_true", help="also time float16 storage options")
+    parser.add_argument("--min-faces", type=int, default=None, help="ann_min_faces (default: the code's)")
+    parser.add_argument("--connectivity", type=int, default=None)
+    parser.add_argument("--expansion-add", type=int, default=None)
+    parser.add_argument("--dtype", choices=("i8", "f16"), default=None)
+    parser.add_argument("--folder", default=None, help="where the vectors file or database goes (default: a temp folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # read when numpy loads OpenBLAS
-    import numpy as np
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    cores = len(os.sched_getaffinity(0))
-    results = [bench_size(int(s), args.probes, args.top_k, args.float16) for s in args.sizes.split(",")]
-    store = bench_store() if args.store else None
+    args.efs = [int(e) for e in args.ef.split(",")]
+    from gallery.ann import SearchParams
+    chosen = {"ann_min_faces": args.min_faces, "connectivity": args.connectivity,
+              "expansion_add": args.expansion_add, "dtype": args.dtype}
+    params = SearchParams(**{k: v for k, v in chosen.items() if v is not None})
+    results = []
+    with tempfile.TemporaryDirectory(dir=args.folder, prefix="adaface-bench-") as folder:
+        for size in (int(s) for s in args.sizes.split(",")):
+            gen = Synthetic(size, args.per_identity, args.rank)
+            run = bench_sqlite if args.store == "sqlite" else bench_file
+            results.append(run(gen, params, args, Path(folder)))
+            if args.json:       # each size as it is done, on stderr: a long run keeps what it measured
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            else:
+                print_result(results[-1])
+    settings = {"cores": len(os.sched_getaffinity(0)), "rank": args.rank, "per_identity": args.per_identity,
+                "probes": args.probes, "top_k": args.top_k, "params": params.__dict__}
     if args.json:
-        print(json.dumps({"cores": cores, "threads": args.threads or cores, "numpy": np.__version__,
-                          "results": results, "store": store}, indent=1))
-        return 0
-    print(f"{cores} cores, {args.threads or cores} threads, top_k {args.top_k}, exact float32 search")
-    print(f"{'faces':>10} {'median ms':>10} {'p90 ms':>8} {'product':>8} {'select':>7} "
-          f"{'index MiB':>10} {'RSS MiB':>8} {'max err':>9}")
-    for r in results:
-        print(f"{r['faces']:>10,} {r['median_ms']:>10.1f} {r['p90_ms']:>8.1f} {r['product_ms']:>8.1f} "
-              f"{r['select_ms']:>7.2f} {r['index_mib']:>10.0f} {r['rss_mib']:>8.0f} {r['max_abs_error']:>9.1e}")
-    for r in results:
-        for o in r["options"]:
-            print(f"{r['faces']:>10,} {o['option']}: {o['median_ms']:.1f} ms, {o['memory_mib']:.0f} MiB, "
-                  f"max |cosine error| {o['max_abs_error']:.1e}")
-    if store:
-        print(f"SQLite round trip per search (version check + names): {store['round_trip_ms']:.2f} ms "
-              f"(identify {store['identify_ms']:.2f} ms at {store['faces']} faces)")
+        print(json.dumps({"settings": settings, "results": results}, indent=1))
+    else:
+        print(f"\n{settings}")
     return 0
 
 

@@ -4,12 +4,15 @@
                                                         person names in file names (alice_1.jpg -> alice)
     gallery identify IMG... [--top-k K] [--threshold T] [--json]
     gallery export FILE / gallery import FILE           .npz or .parquet
-    gallery list                                        galleries with identity and face counts
+    gallery list                                        galleries with counts and the model that filled them
+    gallery reembed NAME [--batch N]                    re-embed the stored crops with this model, then switch
 
 The store is ``--url`` or ``ADAFACE_GALLERY_URL``; the model options (``--weights``, ``--arch``,
 ``--device``, ``--align``) are those of the other commands. ``build`` is resumable: a photo
 whose sha256 the gallery already holds is skipped before any work, and each photo is committed
-as it is enrolled, so an interrupted build continues where it stopped.
+as it is enrolled, so an interrupted build continues where it stopped. A gallery filled by
+another model than the one loaded is refused (exit status 2, ``model_mismatch``); ``reembed``
+is resumable too (the vectors made so far are kept in the store).
 """
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ import numpy as np
 from adaface.options import DEFAULT_TOP_K
 
 from gallery.galleries import Galleries, decide, photo_sha256
+from gallery.ann import SearchParams
 from gallery.open import open_store
+from gallery.reembed import BATCH as REEMBED_BATCH
+from gallery.reembed import crop_png, reembed
 from gallery.store import NewFace
 from gallery.transfer import export_gallery, import_gallery
 
@@ -54,6 +60,7 @@ def cmd_build(args, ctx) -> int:
     if not folder.is_dir():
         return _print_error(ValueError(f"{folder} is not a folder"))
     labels = read_labels(Path(args.labels)) if args.labels else None
+    keep_crops = ctx.settings().store_crops
     store = open_store(_url(args, ctx))
     try:
         store.ensure_gallery(args.gallery)
@@ -69,7 +76,9 @@ def cmd_build(args, ctx) -> int:
             if sha in done:
                 already += 1
                 continue
-            extractor = extractor or ctx.extractor(**model_overrides(args))
+            if extractor is None:
+                extractor = ctx.extractor(**model_overrides(args))
+                store.check_model(args.gallery, extractor.identity)  # model_mismatch before any work
             try:
                 faces = extractor.embed_image(data, faces=args.faces, align_mode=args.align)
             except (OSError, ValueError) as exc:
@@ -78,8 +87,9 @@ def cmd_build(args, ctx) -> int:
             if not faces:
                 no_face.append(rel)
                 continue
+            crop = crop_png(faces[0].crop) if keep_crops and faces[0].crop is not None else None
             store.enroll(args.gallery, person_from_path(path, folder, labels),
-                         [NewFace(faces[0].embedding, faces[0].norm, sha)])
+                         [NewFace(faces[0].embedding, faces[0].norm, sha, crop)], model=extractor.identity)
             done.add(sha)
             added += 1
         gallery = store.get_gallery(args.gallery)
@@ -102,7 +112,8 @@ def _identify_record(galleries: Galleries, extractor, name: str, args, threshold
     faces = extractor.embed_image(Path(name).read_bytes(), faces=args.faces, align_mode=args.align)
     if not faces:
         return {"image": name, "error": "no face found"}
-    per_face = galleries.identify(args.gallery, np.stack([f.embedding for f in faces]), args.top_k)
+    per_face = galleries.identify(args.gallery, np.stack([f.embedding for f in faces]), args.top_k,
+                                  exact=args.exact, model=extractor.identity)
     out = []
     for face, candidates in zip(faces, per_face):
         decision, best = decide(candidates, threshold)
@@ -126,11 +137,12 @@ def _text_line(record: dict) -> str:
 def cmd_identify(args, ctx) -> int:
     import orjson
     threshold = ctx.settings().identify_threshold if args.threshold is None else args.threshold
-    galleries = Galleries.open(_url(args, ctx))
+    galleries = Galleries(open_store(_url(args, ctx)), SearchParams(ann_min_faces=ctx.settings().ann_min_faces))
     status = 0
     try:
         galleries.store.get_gallery(args.gallery)
         extractor = ctx.extractor(**model_overrides(args))
+        galleries.store.check_model(args.gallery, extractor.identity)  # model_mismatch: exit 2
         for name in args.images:
             try:
                 record = _identify_record(galleries, extractor, name, args, threshold)
@@ -167,7 +179,34 @@ def cmd_import(args, ctx) -> int:
 def cmd_list(args, ctx) -> int:
     with closing(open_store(_url(args, ctx))) as store:
         for g in store.list_galleries():
-            print(f"{g.name}\t{g.identities} identities\t{g.faces} faces")
+            model = g.model.name if g.model else "no model yet"
+            print(f"{g.name}\t{g.identities} identities\t{g.faces} faces\t{model}")
+    return 0
+
+
+# -- gallery reembed -----------------------------------------------------------------------------
+
+def cmd_reembed(args, ctx) -> int:
+    from tqdm import tqdm
+    name = args.name or args.gallery
+    with closing(open_store(_url(args, ctx))) as store:
+        before = store.get_gallery(name).model
+        extractor = ctx.extractor(**model_overrides(args))
+        with tqdm(desc=f"re-embed {name}", unit="face") as bar:
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+            result = reembed(store, name, extractor.identity, extractor.embed_crops, progress, args.batch)
+    if not result.switched:
+        print(f"gallery {name} is already on {result.model.name}: nothing to do")
+        return 0
+    print(f"gallery {name}: {result.faces} faces now embedded by {result.model.name} "
+          f"(was {before.name if before else 'no model recorded'}); {result.embedded_now} embedded in this run")
+    if result.left_out:
+        print(f"{len(result.left_out)} faces had no stored crop and were removed:")
+        for face_id, identity in result.left_out:
+            print(f"  face {face_id} of {identity}")
     return 0
 
 
@@ -190,6 +229,7 @@ def register(sub, parents) -> None:
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--threshold", type=float, help="match threshold (default: ADAFACE_IDENTIFY_THRESHOLD)")
     p.add_argument("--json", action="store_true", help="one JSON line per image")
+    p.add_argument("--exact", action="store_true", help="exhaustive float32 search instead of the index's")
     p.set_defaults(run=cmd_identify)
     p = actions.add_parser("export", parents=[store], help="write the gallery to .npz or .parquet")
     p.add_argument("file")
@@ -197,5 +237,10 @@ def register(sub, parents) -> None:
     p = actions.add_parser("import", parents=[store], help="enroll faces from .npz or .parquet")
     p.add_argument("file")
     p.set_defaults(run=cmd_import)
-    p = actions.add_parser("list", parents=[store], help="list galleries")
+    p = actions.add_parser("list", parents=[store], help="list galleries with their model")
     p.set_defaults(run=cmd_list)
+    p = actions.add_parser("reembed", parents=[model, store],
+                           help="re-embed a gallery's stored crops with this model, resumably, then switch it")
+    p.add_argument("name", nargs="?", help="the gallery (default: --gallery)")
+    p.add_argument("--batch", type=int, default=REEMBED_BATCH, help=f"crops per forward (default {REEMBED_BATCH})")
+    p.set_defaults(run=cmd_reembed)

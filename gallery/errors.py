@@ -76,3 +76,24 @@ class StoreUnavailableError(GalleryError):
     """The database could not be reached or stayed locked (retry)."""
 
     code = "store_unavailable"
+
+
+class ModelMismatchError(GalleryError):
+    """The gallery's embeddings were made by another network than the one asking: comparing them
+    would give meaningless answers (re-embed the gallery, or run the model that filled it)."""
+
+    code = "model_mismatch"
+
+    def __init__(self, gallery: str, stored, running):
+        super().__init__(f"gallery {gallery!r} holds embeddings of {stored.name}, not of the running model "
+                         f"{running.name}: re-embed it (gallery reembed, or POST /v1/galleries/{gallery}/reembed) "
+                         "or run the model that filled it")
+        self.stored, self.running = stored, running
+
+
+class CropNotFoundError(GalleryError):
+    code = "crop_not_found"
+
+    def __init__(self, gallery: str, face_id: int):
+        super().__init__(f"face {face_id} of gallery {gallery!r} has no stored crop "
+                         "(enrolled with ADAFACE_STORE_CROPS=false, or before crops were kept)")

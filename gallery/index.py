@@ -1,9 +1,24 @@
-"""In-memory exact search over a gallery's faces, kept in step with the store.
+"""In-memory search over a gallery's faces, kept in step with the store.
 
-:class:`SearchIndex` holds one gallery's faces as a float32 (capacity, 512) matrix of unit rows
-with their face and identity ids; a probe's cosine similarity to every face is one matrix product
-(``matrix @ probe``, OpenBLAS), and the best identities come from a partial sort of the scores
-(:func:`top_indices`). Each identity counts once, with its best face.
+:class:`SearchIndex` holds one gallery's faces in one of two forms, and either way only picks
+candidates: their similarities are computed exactly, in float32, from the vectors the store
+keeps (:meth:`gallery.store.GalleryStore.vectors`, :mod:`gallery.rescore`). Each identity counts
+once, with its best face.
+
+- **float16 scan** (below :attr:`SearchParams.ann_min_faces` faces): a float16 matrix
+  (:class:`gallery.half.HalfMatrix`, 1 KiB per face) scored against the probe in one pass; the
+  best :func:`gallery.ann.candidate_count` faces are rescored. The float16 scores are within a
+  known bound of the float32 ones (:data:`gallery.half.SCORE_ERROR`), so the rescored answer is
+  checked against it, and when a face outside the candidates could still belong in the answer,
+  every face that could is rescored too: the answer is the exact float32 one.
+- **HNSW graph** (from :attr:`SearchParams.ann_min_faces` faces): usearch's graph
+  (:class:`gallery.ann.Graph`, about 0.7 KiB per face with int8 vectors) gives the candidates;
+  approximate (recall against the exact answer measured in docs/galleries.md). When a float16
+  index grows to the threshold, the graph is built in a native thread while the float16 scan
+  keeps serving, then takes its place and the matrix is freed.
+- ``exact=True`` returns the exact float32 answer from either: the float16 scan already does; a
+  graph index reads every vector from the store in chunks and scores them all
+  (:func:`gallery.rescore.exhaustive`; seconds per million faces, see docs/galleries.md).
 
 :class:`Indexes` keeps one index per gallery and brings it up to date from the store's change
 log: before each search it reads the gallery's version (one indexed row) and loads only the
@@ -14,152 +29,119 @@ thread applies deltas as they are committed, so searches rarely find anything to
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
+import time
+from typing import Iterable, Optional
 
 import numpy as np
 
-from adaface.threads import allocate_lock
+from adaface.threads import allocate_lock, start_new_thread
 
+from .ann import Graph, SearchParams, candidate_count
 from .errors import GalleryNotFoundError
-from adaface.options import EMBEDDING_SIZE
-
+from .half import HalfMatrix
+from .members import Members
+from .ranking import Hit, kth_similarity, top_indices
+from .rescore import MemoryVectors, exhaustive, rescore
 from .store import DROPPED, GalleryStore, Rows, check_gallery_name
 
 logger = logging.getLogger(__name__)
 
-GROWTH = 1.25
+__all__ = ["Hit", "Indexes", "SearchIndex", "SearchParams"]
 
-
-@dataclass(frozen=True)
-class Hit:
-    """One candidate identity for one probe: its best face and that face's cosine similarity."""
-
-    identity_id: int
-    face_id: int
-    similarity: float
-
-
-BLOCK = 256
-
-
-def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest of ``scores`` (float32 (n,)), largest first.
-
-    Exact and about 1 ms for a million scores: the k largest lie in the k blocks (of
-    :data:`BLOCK`) with the largest maxima, so only those blocks are sorted.
-    """
-    n = len(scores)
-    k = min(k, n)
-    if n <= 8 * BLOCK or k * BLOCK * 4 >= n:
-        part = np.argpartition(scores, n - k)[n - k:] if k < n else np.arange(n)
-        return part[np.argsort(-scores[part], kind="stable")]
-    blocks = -(-n // BLOCK)
-    padded = np.full(blocks * BLOCK, -np.inf, np.float32)
-    padded[:n] = scores
-    maxima = padded.reshape(blocks, BLOCK).max(axis=1)
-    best = np.argpartition(maxima, blocks - k)[blocks - k:]
-    candidates = (best[:, None] * BLOCK + np.arange(BLOCK)).reshape(-1)
-    candidates = candidates[candidates < n]
-    part = candidates[np.argpartition(scores[candidates], len(candidates) - k)[len(candidates) - k:]]
-    return part[np.argsort(-scores[part], kind="stable")]
-
-
-def _top_rows(scores: np.ndarray, identity_ids: np.ndarray, top_k: int) -> list:
-    """Rows of the ``top_k`` best distinct identities for one probe's scores (n,), best first."""
-    n = len(scores)
-    k = min(n, max(4 * top_k, 32))
-    while True:
-        rows = top_indices(scores, k)
-        _, first = np.unique(identity_ids[rows], return_index=True)
-        if len(first) >= top_k or k == n:
-            return rows[np.sort(first)[:top_k]].tolist()
-        k = min(n, k * 4)
+#: float16 rows copied into the graph per step of a background build (16 MiB)
+BUILD_CHUNK = 16_384
+#: the most candidates a graph search asks for while looking for ``top_k`` distinct identities
+MAX_GRAPH_CANDIDATES = 4_096
 
 
 class SearchIndex:
     """One gallery's faces in memory; ``version`` is the store version it reflects.
 
-    All methods are thread-safe (one native lock: a search and a delta never overlap).
+    ``source`` gives the exact float32 vectors (the store); without one the index keeps them
+    itself (:class:`gallery.rescore.MemoryVectors`, 2 KiB more per face). All methods are
+    thread-safe (one native lock: a search and a delta never overlap).
     """
 
-    def __init__(self, gallery_id: int, version: int = 0):
+    def __init__(self, gallery_id: int, version: int = 0, source=None, params: Optional[SearchParams] = None):
         self.gallery_id = gallery_id
         self.version = version
-        self._matrix = np.zeros((0, EMBEDDING_SIZE), np.float32)
-        self._face_ids = np.zeros(0, np.int64)
-        self._identity_ids = np.zeros(0, np.int64)
-        self._n = 0
+        self.params = params or SearchParams()
+        self._own = MemoryVectors() if source is None else None
+        self.source = self._own if source is None else source
+        self._members = Members()
+        self._half: Optional[HalfMatrix] = HalfMatrix()
+        self._graph: Optional[Graph] = None
+        self._job: Optional[_Build] = None
+        self._build_failed = False
+        self._closed = False
+        self._identity_count: Optional[int] = None
         self._lock = allocate_lock()
 
     def __len__(self) -> int:
-        return self._n
+        return len(self._members)
+
+    @property
+    def kind(self) -> str:
+        """``"hnsw"`` or ``"float16"``: how candidates are found now."""
+        return "hnsw" if self._graph is not None else "float16"
+
+    @property
+    def graph(self) -> Optional[Graph]:
+        """The HNSW graph once there is one (read-only use: the index serialises changes)."""
+        return self._graph
+
+    @property
+    def building(self) -> bool:
+        """Whether a graph is being built in the background."""
+        return self._job is not None
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the arrays (capacity included), in bytes."""
-        return self._matrix.nbytes + self._face_ids.nbytes + self._identity_ids.nbytes
+        """Memory held by the index (matrix or graph, ids, and its own vectors if any), in bytes."""
+        with self._lock:
+            held = self._members.nbytes + (self._half.nbytes if self._half is not None else 0)
+            held += self._graph.nbytes if self._graph is not None else 0
+            return held + (self._own.nbytes if self._own is not None else 0)
 
     def face_ids(self) -> np.ndarray:
         with self._lock:
-            return self._face_ids[:self._n].copy()
+            return self._members.face_ids.copy()
 
     def reserve(self, total: int) -> None:
         """Make room for ``total`` faces at once (bulk loads avoid repeated growth)."""
         with self._lock:
-            self._reserve(max(0, total - self._n))
+            if self._half is not None:
+                self._half.reserve(total)
 
-    def _reserve(self, count: int) -> None:
-        need = self._n + count
-        if need <= len(self._matrix):
-            return
-        capacity = max(need, int(len(self._matrix) * GROWTH))
-        for name in ("_matrix", "_face_ids", "_identity_ids"):
-            old = getattr(self, name)
-            new = np.empty((capacity,) + old.shape[1:], old.dtype)
-            new[:self._n] = old[:self._n]
-            setattr(self, name, new)
-
-    def _add(self, face_ids: np.ndarray, identity_ids: np.ndarray, vectors: np.ndarray) -> None:
-        count = len(face_ids)
-        if count == 0:
-            return
-        self._reserve(count)
-        end = self._n + count
-        self._matrix[self._n:end] = vectors
-        self._face_ids[self._n:end] = face_ids
-        self._identity_ids[self._n:end] = identity_ids
-        self._n = end
-
-    def _remove(self, face_ids: np.ndarray) -> None:
-        """Drop rows whose face id is in ``face_ids``, filling the holes from the end."""
-        if self._n == 0 or len(face_ids) == 0:
-            return
-        gone = np.flatnonzero(np.isin(self._face_ids[:self._n], face_ids))
-        if len(gone) == 0:
-            return
-        keep_n = self._n - len(gone)
-        holes = gone[gone < keep_n]
-        tail = np.arange(keep_n, self._n)
-        movers = tail[~np.isin(tail, gone)]
-        for arr in (self._matrix, self._face_ids, self._identity_ids):
-            arr[holes] = arr[movers]
-        self._n = keep_n
+    # -- changes -----------------------------------------------------------------------------
 
     def add(self, face_ids, identity_ids, vectors) -> None:
-        """Append faces: ids int64 (k,), vectors float32 (k, 512) unit rows."""
+        """Add faces: ids int64 (k,), vectors float32 (k, 512) unit rows."""
         with self._lock:
             self._add(np.asarray(face_ids, np.int64), np.asarray(identity_ids, np.int64),
                       np.asarray(vectors, np.float32))
 
     def load(self, rows: Rows) -> None:
-        """Replace everything with a snapshot (its arrays are taken over, not copied)."""
+        """Replace everything with a snapshot; from the threshold on, a graph is built in the
+        background while the float16 scan serves."""
+        self.load_chunks(rows.version, [(rows.face_ids, rows.identity_ids, rows.vectors)], len(rows.face_ids),
+                         graph_now=False)
+
+    def load_chunks(self, version: int, chunks: Iterable, total: int, graph_now: bool = True) -> None:
+        """Replace everything with ``chunks`` of (face ids, identity ids, float32 vectors), about
+        ``total`` faces in all. With ``graph_now`` and ``total`` at the threshold or above, the
+        graph is built here from the chunks, without a float16 copy (the way to load ten
+        million faces: only the graph and one chunk are ever held)."""
         with self._lock:
-            self._matrix = np.ascontiguousarray(rows.vectors, np.float32)
-            self._face_ids = np.ascontiguousarray(rows.face_ids, np.int64)
-            self._identity_ids = np.ascontiguousarray(rows.identity_ids, np.int64)
-            self._n = len(self._face_ids)
-            self.version = rows.version
+            self._reset()
+            if graph_now and self.params.wants_graph(total):
+                self._graph, self._half = Graph(self.params), None
+            else:
+                self._half.reserve(total)
+            for face_ids, identity_ids, vectors in chunks:
+                self._add(np.asarray(face_ids, np.int64), np.asarray(identity_ids, np.int64),
+                          np.asarray(vectors, np.float32))
+            self.version = version
 
     def apply(self, delta: Rows) -> bool:
         """Apply a delta from :meth:`GalleryStore.delta` unless this index is already as new.
@@ -170,34 +152,194 @@ class SearchIndex:
         with self._lock:
             if delta.version <= self.version:
                 return False
-            self._remove(delta.touched)
-            self._add(delta.face_ids, delta.identity_ids, delta.vectors)
+            self._remove(np.asarray(delta.touched, np.int64))
+            self._add(np.asarray(delta.face_ids, np.int64), np.asarray(delta.identity_ids, np.int64),
+                      np.asarray(delta.vectors, np.float32))
             self.version = delta.version
             return True
 
-    def search(self, probes: np.ndarray, top_k: int) -> list:
-        """For each probe (float32 (m, 512) unit rows) the ``top_k`` best identities as :class:`Hit`."""
+    def close(self) -> None:
+        """Stop a background build (the index is no longer used)."""
+        self._closed = True
+
+    def wait_built(self, timeout: float = -1) -> bool:
+        """Wait for a background build to finish (``timeout`` seconds, -1: as long as it takes);
+        True when none is running."""
+        job = self._job
+        if job is None or job.done.acquire(True, timeout):
+            if job is not None:
+                job.done.release()
+            return True
+        return False
+
+    def _reset(self) -> None:
+        self._members, self._half, self._graph = Members(), HalfMatrix(), None
+        self._job = None                       # a running build sees this and stops
+        self._identity_count = None
+        if self._own is not None:
+            self._own = self.source = MemoryVectors()
+
+    def _add(self, face_ids: np.ndarray, identity_ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(face_ids) == 0:
+            return
+        self._members.add(face_ids, identity_ids)
+        self._identity_count = None
+        if self._own is not None:
+            self._own.put(face_ids, vectors)
+        if self._graph is not None:
+            self._graph.add(face_ids, vectors)
+            return
+        self._half.add(face_ids, vectors)
+        if self._job is None and not self._build_failed and self.params.wants_graph(len(self._half)):
+            self._start_build()
+
+    def _remove(self, face_ids: np.ndarray) -> None:
+        if len(face_ids) == 0 or len(self._members) == 0:
+            return
+        self._members.remove(face_ids)
+        self._identity_count = None
+        if self._own is not None:
+            self._own.drop(face_ids)
+        if self._graph is not None:
+            self._graph.remove(face_ids)
+            return
+        self._half.remove(face_ids)
+        if self._job is not None:
+            self._job.removed.append(face_ids)
+
+    # -- the background build ----------------------------------------------------------------
+
+    def _start_build(self) -> None:
+        """Start building a graph from the float16 rows in a native thread (lock held)."""
+        if self._closed:
+            return
+        self._job = job = _Build()
+        logger.info("gallery %d: building an HNSW graph of %d faces in the background", self.gallery_id,
+                    len(self._half))
+        start_new_thread(self._build, (job,))
+
+    def _build(self, job: "_Build") -> None:
+        """Copy the rows into a new graph a chunk at a time (the lock held only to copy), then swap
+        it in; a reset or :meth:`close` meanwhile ends the build."""
+        began = time.monotonic()
+        try:
+            graph, built, start = Graph(self.params), [], 0
+            while True:
+                with self._lock:
+                    if self._closed or self._job is not job:
+                        return
+                    if start >= len(self._half):
+                        self._swap(graph, np.concatenate(built) if built else np.zeros(0, np.int64), job)
+                        break
+                    face_ids, vectors = self._half.rows(start, start + BUILD_CHUNK)
+                graph.add(face_ids, vectors)
+                built.append(face_ids)
+                start += len(face_ids)
+            logger.info("gallery %d: HNSW graph of %d faces built in %.1f s", self.gallery_id, len(graph),
+                        time.monotonic() - began)
+        except Exception:
+            logger.exception("gallery %d: building the HNSW graph failed; the float16 scan goes on serving",
+                             self.gallery_id)
+            self._build_failed = True
+        finally:
+            with self._lock:
+                if self._job is job:
+                    self._job = None
+            job.done.release()
+
+    def _swap(self, graph: Graph, built: np.ndarray, job: "_Build") -> None:
+        """Bring the graph level with the float16 rows, then serve from it (lock held).
+
+        Rows a removal moved into an already copied place were never copied, and faces removed
+        during the build (perhaps added back with another vector) may be in the graph as they were.
+        """
+        current = self._half.face_ids
+        removed = np.concatenate(job.removed) if job.removed else np.zeros(0, np.int64)
+        graph.remove(built[~np.isin(built, current) | np.isin(built, removed)])
+        missing = current[~np.isin(current, built) | np.isin(current, removed)]
+        graph.add(*self._half.rows_of(missing))
+        self._graph, self._half, self._job = graph, None, None
+
+    # -- search ------------------------------------------------------------------------------
+
+    def search(self, probes: np.ndarray, top_k: int, exact: bool = False) -> list:
+        """For each probe (float32 (m, 512) unit rows) the ``top_k`` best identities as :class:`Hit`,
+        with exact float32 similarities; ``exact`` makes the choice of identities exact too."""
         probes = np.ascontiguousarray(np.atleast_2d(probes), np.float32)
         with self._lock:
-            n = self._n
-            if n == 0:
+            if len(self._members) == 0:
                 return [[] for _ in probes]
-            # OpenBLAS sgemv/sgemm: about twice as fast as torch's CPU matmul on this machine
-            scores = self._matrix[:n] @ probes.T                  # (n, m) float32
-            ids, face_ids = self._identity_ids[:n], self._face_ids[:n]
-            results = []
-            for j in range(len(probes)):
-                column = np.ascontiguousarray(scores[:, j])
-                rows = _top_rows(column, ids, top_k)
-                results.append([Hit(int(ids[r]), int(face_ids[r]), min(1.0, float(column[r]))) for r in rows])
-            return results
+            if self._graph is None:
+                return [self._search_half(probe, top_k) for probe in probes]
+            if not exact:
+                return self._search_graph(probes, top_k)
+            face_ids, identity_ids = self._members.face_ids, self._members.identity_ids
+        # the exhaustive scan reads the store without the lock (arrays are replaced, never changed)
+        return exhaustive(self.source, face_ids, identity_ids, probes, top_k)
+
+    def _distinct(self, top_k: int) -> int:
+        """``top_k``, or the number of identities held when that is smaller."""
+        if self._identity_count is None:
+            self._identity_count = len(np.unique(self._members.identity_ids))
+        return min(top_k, self._identity_count)
+
+    def _search_half(self, probe: np.ndarray, top_k: int) -> list:
+        """The exact answer from the float16 scan: the best candidates rescored, then, where the
+        float16 error bound leaves room for a face outside them, every face that could enter."""
+        scores = self._half.scores(probe[None])[:, 0]
+        face_ids, n = self._half.face_ids, len(self._half)
+        margin, wanted = self._half.error(probe), self._distinct(top_k)
+        count = candidate_count(top_k, self.params)
+        while True:
+            rows = top_indices(scores, count)
+            hits = self._rescore([face_ids[rows]], probe[None], top_k)[0]
+            floor = kth_similarity(hits, wanted)
+            if len(rows) == n or scores[rows[-1]] + margin < floor:
+                return hits              # no face outside the candidates scores above the k-th
+            if floor > -np.inf:
+                return self._rescore([face_ids[scores >= floor - margin]], probe[None], top_k)[0]
+            count *= 4                   # too few identities among the candidates
+
+    def _search_graph(self, probes: np.ndarray, top_k: int) -> list:
+        """Candidates from the graph, rescored; more of them while a probe's candidates hold fewer
+        than ``top_k`` distinct identities."""
+        count, wanted = candidate_count(top_k, self.params), self._distinct(top_k)
+        results = self._graph_hits(probes, count, top_k)
+        while count < min(len(self._graph), MAX_GRAPH_CANDIDATES):
+            short = [j for j, hits in enumerate(results) if len(hits) < wanted]
+            if not short:
+                break
+            count *= 4
+            for j, hits in zip(short, self._graph_hits(probes[short], count, top_k)):
+                results[j] = hits
+        return results
+
+    def _graph_hits(self, probes: np.ndarray, count: int, top_k: int) -> list:
+        candidates = self._graph.search(probes, count, self.params.expansion_search)
+        return self._rescore(candidates, probes, top_k)
+
+    def _rescore(self, candidates: list, probes: np.ndarray, top_k: int) -> list:
+        return rescore(self.source, candidates, self._members.identities, probes, top_k)
+
+
+class _Build:
+    """A background build: the faces removed while it runs, and a lock held until it ends."""
+
+    def __init__(self):
+        self.removed: list = []
+        self.done = allocate_lock()
+        self.done.acquire()
 
 
 class Indexes:
-    """The search indexes of one process over one store, loaded on first use and kept in step."""
+    """The search indexes of one process over one store, loaded on first use and kept in step.
 
-    def __init__(self, store: GalleryStore):
+    ``params`` says when an index becomes an HNSW graph and how (the settings' ``ann_min_faces``).
+    """
+
+    def __init__(self, store: GalleryStore, params: Optional[SearchParams] = None):
         self.store = store
+        self.params = params or SearchParams()
         self._by_name: dict = {}
         self._lock = allocate_lock()
         self.notified = store.subscribe(self._on_change, self._on_reconnect)
@@ -209,23 +351,30 @@ class Indexes:
             state = self.store.gallery_state(name)
             index = self._by_name.get(name)
             if state is None:
-                self._by_name.pop(name, None)
+                self._drop(name)
                 raise GalleryNotFoundError(name)
             gallery_id, version = state
             if index is None or index.gallery_id != gallery_id:
-                index = SearchIndex(gallery_id)
+                self._drop(name)
+                index = SearchIndex(gallery_id, source=self.store, params=self.params)
                 index.load(self.store.snapshot(gallery_id))
                 self._by_name[name] = index
             elif index.version < version:
                 index.apply(self.store.delta(gallery_id, index.version))
             return index
 
-    def search(self, name: str, probes: np.ndarray, top_k: int) -> list:
-        return self.index(name).search(probes, top_k)
+    def search(self, name: str, probes: np.ndarray, top_k: int, exact: bool = False) -> list:
+        """For each probe (float32 (m, 512) unit rows) up to ``top_k`` :class:`Hit`, best first."""
+        return self.index(name).search(probes, top_k, exact=exact)
 
     def loaded(self, name: str) -> Optional[SearchIndex]:
         """The index held for ``name`` as it is, without checking the store (None if not loaded)."""
         return self._by_name.get(name)
+
+    def _drop(self, name: str) -> None:
+        index = self._by_name.pop(name, None)
+        if index is not None:
+            index.close()
 
     def _on_change(self, gallery_id: int, version: int) -> None:
         with self._lock:
@@ -234,7 +383,7 @@ class Indexes:
                     continue
                 logger.debug("gallery %s: notified of version %d (holding %d)", name, version, index.version)
                 if version == DROPPED:
-                    del self._by_name[name]
+                    self._drop(name)
                 elif version > index.version:
                     index.apply(self.store.delta(gallery_id, index.version))
 

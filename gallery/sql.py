@@ -7,22 +7,30 @@ taken by the version bump), so a gallery's versions commit in order.
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import (FaceNotFoundError, GalleryExistsError, GalleryNotFoundError, IdentityExistsError,
+from adaface.identity import ModelIdentity
+
+from .errors import (CropNotFoundError, FaceNotFoundError, GalleryExistsError, GalleryNotFoundError, IdentityExistsError,
+                     ModelMismatchError,
                      IdentityNotFoundError)
 from adaface.options import EMBEDDING_SIZE
 
-from .store import (ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace,
+from .store import (ExportRow, FaceRecord, Gallery, GalleryStore, Identity, Enrolled, NewFace, ReembedState,
                     Rows, DROPPED, blobs_to_matrix, check_face_id, check_gallery_name, check_identity_name,
                     check_metadata, read_metadata, vector_blob)
 
+logger = logging.getLogger(__name__)
+
 #: ids per IN (...) list
 CHUNK = 500
+#: a gallery's face ids, as a subquery with one parameter (the gallery id)
+_GALLERY_FACES = "SELECT id FROM adaface_faces WHERE gallery_id = %s"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adaface_galleries (
@@ -57,6 +65,25 @@ CREATE TABLE IF NOT EXISTS adaface_changes (
     op TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS adaface_changes_gallery ON adaface_changes (gallery_id, version);
+CREATE TABLE IF NOT EXISTS adaface_gallery_models (
+    gallery_id {integer} PRIMARY KEY REFERENCES adaface_galleries (id) ON DELETE CASCADE,
+    arch TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    synthetic {integer} NOT NULL,
+    set_at {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adaface_crops (
+    face_id {integer} PRIMARY KEY REFERENCES adaface_faces (id) ON DELETE CASCADE,
+    png {blob} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS adaface_reembed (
+    face_id {integer} PRIMARY KEY REFERENCES adaface_faces (id) ON DELETE CASCADE,
+    gallery_id {integer} NOT NULL,
+    fingerprint TEXT NOT NULL,
+    embedding {blob} NOT NULL,
+    norm {real} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS adaface_reembed_gallery ON adaface_reembed (gallery_id, fingerprint);
 """
 
 
@@ -148,12 +175,42 @@ class SqlStore(GalleryStore):
 
     @staticmethod
     def _gallery(row) -> Gallery:
+        model = ModelIdentity(row[6], row[7], bool(row[8])) if len(row) > 8 and row[6] is not None else None
         return Gallery(id=row[0], name=row[1], created_at=row[2], version=row[3],
-                       identities=row[4] if len(row) > 4 else 0, faces=row[5] if len(row) > 5 else 0)
+                       identities=row[4] if len(row) > 4 else 0, faces=row[5] if len(row) > 5 else 0, model=model)
 
     _GALLERY_COLUMNS = ("g.id, g.name, g.created_at, g.version, "
                         "(SELECT count(*) FROM adaface_identities i WHERE i.gallery_id = g.id), "
-                        "(SELECT count(*) FROM adaface_faces f WHERE f.gallery_id = g.id)")
+                        "(SELECT count(*) FROM adaface_faces f WHERE f.gallery_id = g.id), "
+                        "m.arch, m.fingerprint, m.synthetic")
+    _GALLERY_FROM = "adaface_galleries g LEFT JOIN adaface_gallery_models m ON m.gallery_id = g.id"
+
+    @staticmethod
+    def _model_of(tx: Tx, gallery_id: int) -> Optional[ModelIdentity]:
+        row = tx.one("SELECT arch, fingerprint, synthetic FROM adaface_gallery_models WHERE gallery_id = %s",
+                     (gallery_id,))
+        return ModelIdentity(row[0], row[1], bool(row[2])) if row else None
+
+    @staticmethod
+    def _set_model(tx: Tx, gallery_id: int, model: ModelIdentity) -> None:
+        tx.run("DELETE FROM adaface_gallery_models WHERE gallery_id = %s", (gallery_id,))
+        tx.run("INSERT INTO adaface_gallery_models (gallery_id, arch, fingerprint, synthetic, set_at) "
+               "VALUES (%s, %s, %s, %s, %s)", (gallery_id, model.arch, model.fingerprint, int(model.synthetic),
+                                                time.time()))
+
+    def _match_model(self, tx: Tx, gallery_id: int, gallery: str, model: ModelIdentity) -> ModelIdentity:
+        """The gallery's model checked against ``model`` (set from it where there is none)."""
+        stored = self._model_of(tx, gallery_id)
+        if stored is None:
+            faces = tx.one("SELECT count(*) FROM adaface_faces WHERE gallery_id = %s", (gallery_id,))[0]
+            if faces:
+                logger.warning("gallery %s: %d faces stored before models were recorded; taken as made by the "
+                               "running model %s", gallery, faces, model.name)
+            self._set_model(tx, gallery_id, model)
+            return model
+        if stored.fingerprint != model.fingerprint or stored.arch != model.arch:
+            raise ModelMismatchError(gallery, stored, model)
+        return stored
 
     # -- galleries ---------------------------------------------------------------------------
 
@@ -172,41 +229,47 @@ class SqlStore(GalleryStore):
         with self._write() as tx:
             tx.run("INSERT INTO adaface_galleries (name, created_at, version) VALUES (%s, %s, 0) "
                    "ON CONFLICT (name) DO NOTHING", (name, time.time()))
-            row = tx.one(f"SELECT {self._GALLERY_COLUMNS} FROM adaface_galleries g WHERE g.name = %s", (name,))
+            row = tx.one(f"SELECT {self._GALLERY_COLUMNS} FROM {self._GALLERY_FROM} WHERE g.name = %s", (name,))
         return self._gallery(row)
 
     def get_gallery(self, name: str) -> Gallery:
         check_gallery_name(name)
         with self._read() as tx:
-            row = tx.one(f"SELECT {self._GALLERY_COLUMNS} FROM adaface_galleries g WHERE g.name = %s", (name,))
+            row = tx.one(f"SELECT {self._GALLERY_COLUMNS} FROM {self._GALLERY_FROM} WHERE g.name = %s", (name,))
         if row is None:
             raise GalleryNotFoundError(name)
         return self._gallery(row)
 
     def list_galleries(self) -> list:
         with self._read() as tx:
-            rows = tx.all(f"SELECT {self._GALLERY_COLUMNS} FROM adaface_galleries g ORDER BY g.name")
+            rows = tx.all(f"SELECT {self._GALLERY_COLUMNS} FROM {self._GALLERY_FROM} ORDER BY g.name")
         return [self._gallery(r) for r in rows]
 
     def delete_gallery(self, name: str) -> None:
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, name)
             tx.run("DELETE FROM adaface_changes WHERE gallery_id = %s", (gallery_id,))
+            tx.run("DELETE FROM adaface_reembed WHERE gallery_id = %s", (gallery_id,))
+            tx.run(f"DELETE FROM adaface_crops WHERE face_id IN ({_GALLERY_FACES})", (gallery_id,))
             tx.run("DELETE FROM adaface_faces WHERE gallery_id = %s", (gallery_id,))
             tx.run("DELETE FROM adaface_identities WHERE gallery_id = %s", (gallery_id,))
+            tx.run("DELETE FROM adaface_gallery_models WHERE gallery_id = %s", (gallery_id,))
             tx.run("DELETE FROM adaface_galleries WHERE id = %s", (gallery_id,))
             tx.notify(gallery_id, DROPPED)
+        self._forget()
 
     # -- identities and faces ----------------------------------------------------------------
 
     def enroll(self, gallery: str, identity: str, faces: Sequence[NewFace],
-               metadata: Optional[dict] = None) -> Enrolled:
+               metadata: Optional[dict] = None, model: Optional[ModelIdentity] = None) -> Enrolled:
         check_identity_name(identity)
         meta_text = check_metadata(metadata)
         blobs = [vector_blob(f.embedding) for f in faces]
         now = time.time()
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
+            if model is not None:
+                self._match_model(tx, gallery_id, gallery, model)
             created = tx.one("INSERT INTO adaface_identities (gallery_id, name, metadata, created_at) "
                              "VALUES (%s, %s, %s, %s) ON CONFLICT (gallery_id, name) DO NOTHING RETURNING id",
                              (gallery_id, identity, meta_text, now)) is not None
@@ -223,6 +286,8 @@ class SqlStore(GalleryStore):
                 if row is not None:
                     added.append(row[0])
                     record = FaceRecord(row[0], ident[0], float(face.norm), face.photo_sha256, row[1])
+                    if face.crop_png is not None:
+                        tx.run("INSERT INTO adaface_crops (face_id, png) VALUES (%s, %s)", (row[0], face.crop_png))
                 else:
                     old = tx.one("SELECT id, norm, created_at FROM adaface_faces "
                                  "WHERE identity_id = %s AND photo_sha256 = %s", (ident[0], face.photo_sha256))
@@ -276,20 +341,27 @@ class SqlStore(GalleryStore):
             gallery_id = self._gallery_id(tx, gallery)
             ident = self._identity_row(tx, gallery_id, gallery, name)
             face_ids = [r[0] for r in tx.all("SELECT id FROM adaface_faces WHERE identity_id = %s", (ident[0],))]
+            tx.run("DELETE FROM adaface_crops WHERE face_id IN (SELECT id FROM adaface_faces WHERE identity_id = %s)",
+                   (ident[0],))
             tx.run("DELETE FROM adaface_faces WHERE identity_id = %s", (ident[0],))
             tx.run("DELETE FROM adaface_identities WHERE id = %s", (ident[0],))
             if face_ids:
                 self._record(tx, gallery_id, face_ids, "del")
+        self._forget()
         return len(face_ids)
 
     def delete_face(self, gallery: str, face_id: int) -> None:
         row_id = check_face_id(face_id)
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
+            if row_id is not None and tx.one("SELECT 1 FROM adaface_faces WHERE id = %s AND gallery_id = %s",
+                                             (row_id, gallery_id)) is not None:
+                tx.run("DELETE FROM adaface_crops WHERE face_id = %s", (row_id,))
             if row_id is None or tx.run("DELETE FROM adaface_faces WHERE id = %s AND gallery_id = %s",
                                         (row_id, gallery_id)) == 0:
                 raise FaceNotFoundError(gallery, face_id)
             self._record(tx, gallery_id, [row_id], "del")
+        self._forget()
 
     def photo_hashes(self, gallery: str) -> set:
         with self._read() as tx:
@@ -305,6 +377,97 @@ class SqlStore(GalleryStore):
                           (gallery_id,))
         for name, meta, sha, norm, blob in rows:
             yield ExportRow(name, read_metadata(meta), sha, norm, np.frombuffer(bytes(blob), "<f4").astype(np.float32))
+
+    # -- the model, crops, re-embedding -----------------------------------------------------
+
+    def _forget(self) -> None:
+        """After a delete: make the deleted rows unrecoverable where the backend can (SQLite)."""
+
+    def check_model(self, gallery: str, model: ModelIdentity) -> ModelIdentity:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            stored = self._model_of(tx, gallery_id)
+        if stored is not None and (stored.fingerprint, stored.arch) == (model.fingerprint, model.arch):
+            return stored
+        with self._write() as tx:  # set it, or raise the mismatch
+            return self._match_model(tx, self._gallery_id(tx, gallery), gallery, model)
+
+    def face_crop(self, gallery: str, face_id: int) -> bytes:
+        row_id = check_face_id(face_id)
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            face = None if row_id is None else tx.one(
+                "SELECT c.png, f.id FROM adaface_faces f LEFT JOIN adaface_crops c ON c.face_id = f.id "
+                "WHERE f.id = %s AND f.gallery_id = %s", (row_id, gallery_id))
+        if face is None:
+            raise FaceNotFoundError(gallery, face_id)
+        if face[0] is None:
+            raise CropNotFoundError(gallery, face_id)
+        return bytes(face[0])
+
+    def identity_vectors(self, gallery: str, name: str) -> tuple:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            ident = self._identity_row(tx, gallery_id, gallery, name)
+            rows = tx.all("SELECT id, embedding FROM adaface_faces WHERE identity_id = %s ORDER BY id", (ident[0],))
+        return np.array([r[0] for r in rows], np.int64), blobs_to_matrix([bytes(r[1]) for r in rows])
+
+    def reembed_pending(self, gallery: str, model: ModelIdentity, limit: int) -> list:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            rows = tx.all("SELECT f.id, c.png FROM adaface_faces f JOIN adaface_crops c ON c.face_id = f.id "
+                          "LEFT JOIN adaface_reembed r ON r.face_id = f.id AND r.fingerprint = %s "
+                          "WHERE f.gallery_id = %s AND r.face_id IS NULL ORDER BY f.id LIMIT %s",
+                          (model.fingerprint, gallery_id, int(limit)))
+        return [(r[0], bytes(r[1])) for r in rows]
+
+    def stage_embeddings(self, gallery: str, model: ModelIdentity, rows: Sequence[tuple]) -> None:
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            for face_id, embedding, norm in rows:
+                tx.run("DELETE FROM adaface_reembed WHERE face_id = %s", (int(face_id),))
+                tx.run("INSERT INTO adaface_reembed (face_id, gallery_id, fingerprint, embedding, norm) "
+                       "SELECT id, gallery_id, %s, %s, %s FROM adaface_faces WHERE id = %s AND gallery_id = %s",
+                       (model.fingerprint, vector_blob(embedding), float(norm), int(face_id), gallery_id))
+
+    def reembed_state(self, gallery: str, model: ModelIdentity) -> ReembedState:
+        with self._read() as tx:
+            return self._reembed_state(tx, self._gallery_id(tx, gallery), model)
+
+    @staticmethod
+    def _reembed_state(tx: Tx, gallery_id: int, model: ModelIdentity) -> ReembedState:
+        total = tx.one("SELECT count(*) FROM adaface_faces WHERE gallery_id = %s", (gallery_id,))[0]
+        with_crop = tx.one(f"SELECT count(*) FROM adaface_crops WHERE face_id IN ({_GALLERY_FACES})",
+                           (gallery_id,))[0]
+        staged = tx.one("SELECT count(*) FROM adaface_reembed r JOIN adaface_crops c ON c.face_id = r.face_id "
+                        "WHERE r.gallery_id = %s AND r.fingerprint = %s", (gallery_id, model.fingerprint))[0]
+        return ReembedState(with_crop, staged, total - with_crop)
+
+    def finish_reembed(self, gallery: str, model: ModelIdentity) -> Optional[list]:
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            if self._reembed_state(tx, gallery_id, model).pending:
+                return None
+            staged = "SELECT face_id FROM adaface_reembed WHERE gallery_id = %s AND fingerprint = %s"
+            left_out = tx.all(f"SELECT f.id, i.name FROM adaface_faces f JOIN adaface_identities i "
+                              f"ON i.id = f.identity_id WHERE f.gallery_id = %s AND f.id NOT IN ({staged}) "
+                              f"ORDER BY f.id", (gallery_id, gallery_id, model.fingerprint))
+            tx.run(f"UPDATE adaface_faces SET "
+                   f"embedding = (SELECT r.embedding FROM adaface_reembed r WHERE r.face_id = adaface_faces.id), "
+                   f"norm = (SELECT r.norm FROM adaface_reembed r WHERE r.face_id = adaface_faces.id) "
+                   f"WHERE gallery_id = %s AND id IN ({staged})", (gallery_id, gallery_id, model.fingerprint))
+            for start in range(0, len(left_out), CHUNK):
+                chunk = [r[0] for r in left_out[start:start + CHUNK]]
+                tx.run(f"DELETE FROM adaface_faces WHERE id IN ({_marks(len(chunk))})", chunk)
+            tx.run("DELETE FROM adaface_reembed WHERE gallery_id = %s", (gallery_id,))
+            self._set_model(tx, gallery_id, model)
+            every = [r[0] for r in tx.all("SELECT id FROM adaface_faces WHERE gallery_id = %s", (gallery_id,))]
+            touched = sorted(every + [r[0] for r in left_out])
+            if touched:
+                self._record(tx, gallery_id, touched, "add")
+        if left_out:
+            self._forget()
+        return [(r[0], r[1]) for r in left_out]
 
     # -- for search indexes ------------------------------------------------------------------
 
@@ -349,6 +512,16 @@ class SqlStore(GalleryStore):
                                chunk)
         version = max((c[1] for c in changes), default=after_version)
         return self._rows(version, rows, np.array(touched, np.int64))
+
+    def vectors(self, face_ids: Sequence[int]) -> tuple:
+        ids = sorted({int(i) for i in face_ids})
+        rows = []
+        with self._read() as tx:
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start:start + CHUNK]
+                rows += tx.all(f"SELECT id, embedding FROM adaface_faces WHERE id IN ({_marks(len(chunk))})", chunk)
+        rows.sort()
+        return np.array([r[0] for r in rows], np.int64), blobs_to_matrix([bytes(r[1]) for r in rows])
 
     def describe_faces(self, face_ids: Sequence[int]) -> dict:
         ids = sorted({int(i) for i in face_ids})

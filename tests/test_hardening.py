@@ -166,6 +166,7 @@ def test_min_face_size_has_a_floor(extractor):
 
 # -- 3. no memory pinned without a key; slow bodies cut off ---------------------------------------
 
+@pytest.mark.server
 def test_keyless_chunked_upload_is_refused_before_its_body(server):
     head = (b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
             b"Content-Type: application/octet-stream\r\n\r\n" + b"10000\r\n" + b"\0" * 1000)
@@ -175,6 +176,7 @@ def test_keyless_chunked_upload_is_refused_before_its_body(server):
     assert time.perf_counter() - began < 5  # not after the body deadline: the body was never read
 
 
+@pytest.mark.server
 def test_silent_and_slow_bodies_get_408(server):
     auth = f"Authorization: Bearer {KEY}\r\n".encode()
     head = b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n" + auth + b"\r\n" + b"\xff\xd8\xff"
@@ -199,6 +201,7 @@ def test_silent_and_slow_bodies_get_408(server):
 
 # -- 4. no 500s -----------------------------------------------------------------------------------
 
+@pytest.mark.server
 def test_broken_chunked_bodies_are_400_not_500(server):
     auth = f"Authorization: Bearer {KEY}\r\n".encode()
     head = b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + auth + b"\r\n"
@@ -226,6 +229,7 @@ def test_deep_json_is_400(extractor, route):
 
 # -- 8. metric labels -----------------------------------------------------------------------------
 
+@pytest.mark.server
 def test_made_up_methods_share_one_label(server):
     def size():
         return len(request(server.port, "GET", "/metrics")[2])

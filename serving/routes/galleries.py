@@ -13,7 +13,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import numpy as np
 import orjson
-from flask import Blueprint, current_app, request
+from flask import Blueprint, Response, current_app, request
 from pydantic import Field
 
 from adaface import options as opt
@@ -21,6 +21,7 @@ from adaface.decode import decode_base64, looks_like_image
 from adaface.errors import NoFaceError
 from gallery.errors import BadNameError
 from gallery.galleries import decide, photo_sha256
+from gallery.reembed import crop_png
 from gallery.store import NewFace, check_metadata
 
 from .. import requests
@@ -28,7 +29,7 @@ from ..errors import ApiError, error_entry
 from ..openapi import Reply, document
 from ..responses import json_response
 from ..schemas import (BASE64_IMAGE, FILES, RAW_IMAGE, Answer, EmbedQuery, EmbedRequest, Error, FaceGeometry, Query,
-                       ThresholdQuery)
+                       ThresholdQuery, VerifyQuery)
 from ..service import current
 
 blueprint = Blueprint("galleries", __name__, url_prefix="/v1/galleries")
@@ -66,12 +67,20 @@ class IdentityChange(Answer):
     metadata: Optional[dict] = Field(None, description="replaces the identity's metadata")
 
 
+class ModelOut(Answer):
+    arch: str
+    fingerprint: str = Field(description="sha256 of the backbone's weights (the same in any file format)")
+    synthetic: bool
+    name: str
+
+
 class GalleryOut(Answer):
     name: str
     identities: int
     faces: int
     version: int
     created_at: str
+    model: Optional[ModelOut] = Field(description="the network that made its embeddings (none before the first enroll)")
 
 
 class GalleryList(Answer):
@@ -133,6 +142,33 @@ class IdentifiedFace(FaceGeometry):
     candidates: list[CandidateOut]
 
 
+class SearchQuery(IdentifyQuery):
+    exact: bool = Field(False, description="an exhaustive float32 search instead of the index's (slower, exact)")
+
+
+class IdentityVerification(FaceGeometry):
+    model: str
+    gallery: str
+    identity: str
+    threshold: float
+    same_person: bool
+    similarity: Optional[float] = Field(description="the best cosine similarity over the identity's faces")
+    mean_similarity: Optional[float]
+    best_face_id: Optional[int]
+    faces_compared: int
+
+
+class ReembedOut(Answer):
+    gallery: str
+    model: ModelOut
+    status: Literal["running", "done", "interrupted", "not_started", "failed"]
+    embedded: int = Field(description="faces with a crop embedded by the running model so far")
+    with_crop: int
+    without_crop: int = Field(description="faces without a stored crop: removed when the gallery switches")
+    left_out: Optional[list[dict]] = Field(None, description="faces removed at the switch: face_id, identity")
+    error: Optional[str] = None
+
+
 class Identification(Answer):
     model: str
     gallery: str
@@ -149,7 +185,7 @@ def _time(ts: float) -> str:
 
 def _gallery_dict(g) -> dict:
     return {"name": g.name, "identities": g.identities, "faces": g.faces, "version": g.version,
-            "created_at": _time(g.created_at)}
+            "created_at": _time(g.created_at), "model": g.model.to_dict() if g.model else None}
 
 
 def _face_dict(f) -> dict:
@@ -319,7 +355,7 @@ def delete_identity(gallery, identity):
                       "stored again. Optional metadata (a JSON field, or a form field of JSON text) replaces "
                       "the identity's.",
           query=EnrollQuery, body=IMAGE_BODY, path_params=GALLERY_IDENTITY,
-          errors=(400, 401, 404, 413, 415, 422, 503))
+          errors=(400, 401, 404, 409, 413, 415, 422, 503))
 def enroll(gallery, identity):
     service, state = current(), _state()
     inputs, batch = requests.image_inputs(request, service.settings.max_images)
@@ -327,7 +363,7 @@ def enroll(gallery, identity):
     query = requests.parse_query(EnrollQuery, request.args)
     if query.faces is None and service.settings.faces == "all":
         query = query.model_copy(update={"faces": "largest"})
-    state.call("get_gallery", gallery)  # a missing gallery fails before any embedding work
+    state.call("check_model", gallery, service.extractor.identity)  # before any embedding work
     results = service.embed(inputs, query)
     if not batch:
         results[0].require_faces()
@@ -338,11 +374,12 @@ def enroll(gallery, identity):
             entries.append(error_entry(failure))
             continue
         face = result.faces[0]
-        faces.append(NewFace(face.embedding, face.norm, photo_sha256(photo_bytes(data))))
+        png = crop_png(face.crop) if service.settings.store_crops and face.crop is not None else None
+        faces.append(NewFace(face.embedding, face.norm, photo_sha256(photo_bytes(data)), png))
         entries.append(_geometry(face))
     if not faces:
         return json_response({"gallery": gallery, "identity": None, "added": 0, "results": entries})
-    enrolled = state.call("enroll", gallery, identity, faces, metadata)
+    enrolled = state.call("enroll", gallery, identity, faces, metadata, service.extractor.identity)
     records = iter(enrolled.faces)
     for entry in entries:
         if "error" not in entry:
@@ -369,15 +406,17 @@ def delete_face(gallery, face_id):
           {200: Reply("per face: decision, identity, similarity, candidates", Identification)},
           description="faces=all identifies every face of a group photo; threshold overrides "
                       "ADAFACE_IDENTIFY_THRESHOLD.",
-          query=IdentifyQuery, body=IMAGE_BODY, path_params=GALLERY, errors=(400, 401, 404, 413, 415, 422, 503))
+          query=SearchQuery, body=IMAGE_BODY, path_params=GALLERY, errors=(400, 401, 404, 409, 413, 415, 422, 503))
 def identify(gallery):
     service, state = current(), _state()
     inputs, _ = requests.image_inputs(request, 1)
-    query = requests.parse_query(IdentifyQuery, request.args)
+    query = requests.parse_query(SearchQuery, request.args)
     threshold = service.settings.identify_threshold if query.threshold is None else query.threshold
-    state.call("get_gallery", gallery)
+    model = service.extractor.identity
+    state.call("check_model", gallery, model)  # before any embedding work
     found = service.embed(inputs, query)[0].require_faces()
-    per_face = state.call("identify", gallery, np.stack([f.embedding for f in found]), query.top_k)
+    per_face = state.call("identify", gallery, np.stack([f.embedding for f in found]), query.top_k, query.exact,
+                          model)
     faces = []
     for face, candidates in zip(found, per_face):
         decision, best = decide(candidates, threshold)
@@ -386,3 +425,65 @@ def identify(gallery):
                       "candidates": [c.to_dict() for c in candidates]})
     return json_response({"model": service.model, "gallery": gallery, "threshold": threshold,
                           "top_k": query.top_k, "faces": faces}, headers=service.embedding_headers())
+
+
+@blueprint.get("/<gallery>/faces/<int:face_id>/crop")
+@document("A face's stored aligned crop", {200: Reply("the 112×112 crop the embedding was made from, as PNG",
+                                                      {"type": "string", "format": "binary"}, "image/png")},
+          path_params={**GALLERY, "face_id": "the face's id"}, errors=(401, 404, 503))
+def face_crop(gallery, face_id):
+    return Response(_state().call("face_crop", gallery, face_id), mimetype="image/png",
+                    headers={"Cache-Control": "no-store"})
+
+
+@blueprint.post("/<gallery>/identities/<identity>/verify")
+@document("Is the person in this photo this identity? Best and mean similarity over its faces",
+          {200: Reply("the similarity and the decision", IdentityVerification)},
+          description="The photo's largest face against every face of the identity; same_person when the best "
+                      "similarity is at or above the threshold (ADAFACE_VERIFY_THRESHOLD, or ?threshold=).",
+          query=VerifyQuery, body=IMAGE_BODY, path_params=GALLERY_IDENTITY,
+          errors=(400, 401, 404, 409, 413, 415, 422, 503))
+def verify_identity(gallery, identity):
+    service, state = current(), _state()
+    inputs, _ = requests.image_inputs(request, 1)
+    query = requests.parse_query(VerifyQuery, request.args)
+    if query.faces == "all" or (query.faces is None and service.settings.faces == "all"):
+        query = query.model_copy(update={"faces": "largest"})
+    threshold = service.settings.verify_threshold if query.threshold is None else query.threshold
+    model = service.extractor.identity
+    state.call("check_model", gallery, model)
+    state.call("get_identity", gallery, identity)  # a missing identity fails before any embedding work
+    face = service.embed(inputs, query)[0].require_faces()[0]
+    match = state.call("verify_identity", gallery, identity, face.embedding, model)
+    return json_response({**_geometry(face), "model": service.model, "gallery": gallery, "identity": identity,
+                          "threshold": threshold,
+                          "same_person": match.best is not None and match.best >= threshold,
+                          "similarity": match.best, "mean_similarity": match.mean,
+                          "best_face_id": match.best_face_id, "faces_compared": match.faces},
+                         headers=service.embedding_headers(face))
+
+
+@blueprint.post("/<gallery>/reembed")
+@document("Re-embed the gallery's stored crops with the running model, then switch it over",
+          {202: Reply("started (or still running)", ReembedOut), 200: Reply("already on the running model", ReembedOut)},
+          description="Runs in the background in this worker; GET the same path for progress. Searches use the "
+                      "old vectors until the switch, which is one transaction; a server running the new model "
+                      "gets model_mismatch until then. Faces without a stored crop are removed at the switch. "
+                      "An interrupted job resumes where it stopped when posted again.",
+          path_params=GALLERY, errors=(401, 404, 503))
+def start_reembed(gallery):
+    service = current()
+    status = _state().offloader.call(_jobs().start, gallery, service.extractor.identity,
+                                     service.runner.batcher.submit)
+    return json_response(status, status=200 if status["status"] == "done" else 202)
+
+
+@blueprint.get("/<gallery>/reembed")
+@document("How far a re-embed with the running model has come", {200: Reply("progress", ReembedOut)},
+          path_params=GALLERY, errors=(401, 404, 503))
+def reembed_status(gallery):
+    return json_response(_state().offloader.call(_jobs().status, gallery, current().extractor.identity))
+
+
+def _jobs():
+    return current_app.extensions["adaface_reembed"]

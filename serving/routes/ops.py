@@ -6,6 +6,7 @@ from typing import Literal, Optional
 
 import torch
 from flask import Blueprint, Response, current_app
+from pydantic import Field
 
 from ..errors import error_response
 from ..openapi import Reply, build_spec, document
@@ -60,6 +61,7 @@ class Info(Answer):
     arch: str
     weights: str
     weights_sha256: Optional[str]
+    weights_fingerprint: str = Field(description="sha256 over the backbone's tensors: the model a gallery records")
     synthetic: bool
     device: str
     backend: str
