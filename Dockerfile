@@ -40,6 +40,10 @@ USER 10001
 # compiles again, once, on a CPU of another kind).
 RUN python -c "import numpy as np; from face_alignment.resample import Resampler; Resampler(np.zeros((8, 8, 3), np.uint8)).resize((4, 4))"
 ENV ADAFACE_BIND=0.0.0.0:30035
+# /app/data holds the gallery database and, with no keys configured, the admin key made at first
+# start (data/admin.key, mode 0600): mount a volume there (-v adaface-data:/app/data) to keep both,
+# and read the key with `docker exec <container> cat /app/data/admin.key`.
+VOLUME /app/data
 EXPOSE 30035
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:30035/readyz', timeout=4).status != 200)"]

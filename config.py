@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from adaface import options as opt
+from serving.rates import parse_rate
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = "pretrained/adaface_ir101_webface12m.ckpt"
@@ -83,8 +84,11 @@ class Settings:
     ann_min_faces: int = opt.DEFAULT_ANN_MIN_FACES  # gallery faces from which search walks an HNSW graph
                                             # (approximate, rescored in float32); 0: always the float16 scan
     store_crops: bool = True                # keep each enrolled face's aligned crop (PNG): what a re-embed needs
-    api_keys: str = ""                      # comma-separated keys; empty: no auth
-    api_keys_file: str = ""                 # file with one key per line
+    api_keys: str = ""                      # comma-separated keys (or sha256:<hex> of them), each with every scope
+    api_keys_file: str = ""                 # keys file: one key a line, with name=, scopes=, galleries=, rate=
+    open_galleries: bool = False            # keyless clients may read and change galleries (a trusted network only)
+    admin_key_file: str = "data/admin.key"  # where the admin key is made when no keys are configured
+    keyless_rate: str = ""                  # requests per client address without a key: N/s, N/min or N/h; empty: no limit
     log_level: str = "INFO"
     # gunicorn (read by gunicorn.conf.py)
     bind: str = "0.0.0.0:30035"
@@ -113,6 +117,10 @@ class Settings:
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_variable(name)}={getattr(self, name)!r}: must be more than 0")
+        try:
+            parse_rate(self.keyless_rate)
+        except ValueError as exc:
+            raise SettingsError(f"{_variable('keyless_rate')}: {exc}") from None
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":
@@ -154,16 +162,24 @@ class Settings:
         path = Path(self.cache_dir).expanduser()
         return path if path.is_absolute() else REPO_DIR / path
 
-    def api_key_list(self) -> list:
-        """The accepted API keys from ``api_keys`` and ``api_keys_file`` (blank lines ignored)."""
-        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+    def api_key_lines(self) -> list:
+        """The configured keys as (where, line) pairs: each of ``api_keys`` (a bare key, or
+        ``sha256:<hex>``), then each line of ``api_keys_file`` (comments and blank lines too; the
+        service parses them, :mod:`serving.keys`)."""
+        lines = [(f"{_variable('api_keys')} item {n}", k.strip())
+                 for n, k in enumerate(self.api_keys.split(","), 1) if k.strip()]
         if self.api_keys_file:
             try:
                 text = Path(self.api_keys_file).read_text()
             except OSError as exc:
                 raise SettingsError(f"ADAFACE_API_KEYS_FILE: cannot read {self.api_keys_file}: {exc}") from exc
-            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-        return keys
+            lines += [(f"{self.api_keys_file} line {n}", line) for n, line in enumerate(text.splitlines(), 1)]
+        return lines
+
+    def admin_key_path(self) -> Path:
+        """``admin_key_file``, a relative path taken from the repository folder."""
+        path = Path(self.admin_key_file).expanduser()
+        return path if path.is_absolute() else REPO_DIR / path
 
 
 _CHOICES = {"faces": opt.FACE_MODES, "align": opt.ALIGN_MODES, "backend": opt.BACKENDS}

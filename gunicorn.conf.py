@@ -41,6 +41,8 @@ timeout = _settings.timeout
 graceful_timeout = 30
 keepalive = 5
 accesslog = "-"
+# who called (an API key's name, keyless; "-" on open routes), never the key itself
+access_log_format = '%(h)s %({adaface.caller}e)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 

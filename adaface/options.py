@@ -29,6 +29,12 @@ DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
 ARCH_NAMES = ("ir_18", "ir_34", "ir_50", "ir_101")
 #: the weights value that builds deterministic random weights (embeddings mean nothing)
 SYNTHETIC = "synthetic"
+#: what an API key may do (docs/galleries.md, "Keys, scopes and the audit trail"): embed and
+#: verify photos; read galleries (list, identify, identity verify, crops); change them (create,
+#: enroll, rename, delete, re-embed); and everything, with /info and the audit trail
+SCOPES = ("embed", "gallery:read", "gallery:write", "admin")
+#: what an API key's name may be (it shows in logs, metrics and the audit trail)
+KEY_NAME_PATTERN = r"[A-Za-z0-9_.:@-]{1,64}"
 
 
 @dataclass(frozen=True)

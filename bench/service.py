@@ -165,7 +165,8 @@ class Server:
         env = {**os.environ, "ADAFACE_WEIGHTS": "synthetic", "ADAFACE_ARCH": arch,
                "ADAFACE_BIND": f"127.0.0.1:{self.port}", "ADAFACE_WORKERS": str(workers),
                "ADAFACE_LOG_LEVEL": "warning", "ADAFACE_CACHE_DIR": os.path.join(REPO, "data", "cache"),
-               "PROMETHEUS_MULTIPROC_DIR": self.tmp, "ADAFACE_BACKEND": backend, **(env or {})}
+               "PROMETHEUS_MULTIPROC_DIR": self.tmp, "ADAFACE_BACKEND": backend, "ADAFACE_OPEN_GALLERIES": "true",
+               **(env or {})}
         if threads:
             env["ADAFACE_THREADS"] = str(threads)
         gunicorn = Path(sys.executable).with_name("gunicorn")

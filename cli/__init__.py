@@ -3,8 +3,8 @@
 Every subcommand lives in a module of this package and registers itself
 (:func:`cli.registry.command`): ``embed`` (the default: ``python AdaFaceFeature.py IMG...``),
 ``compare`` and ``embed-dir`` (:mod:`cli.embed`), ``gallery ...`` (:mod:`cli.gallery`) and
-``calibrate`` (:mod:`cli.calibrate`). The entry point passes a :class:`Context` that reads the
-settings; nothing here reads the environment.
+``calibrate`` (:mod:`cli.calibrate`) and ``keys ...`` (:mod:`cli.keys`). The entry point
+passes a :class:`Context` that reads the settings; nothing here reads the environment.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from adaface.errors import InputError
 from adaface.options import ALIGN_MODES, ARCH_NAMES, DEFAULT_ALIGN, DEFAULT_FACES, FACE_MODES
 from gallery.errors import GalleryError, StoreUrlError
 
-from . import calibrate, embed, gallery  # noqa: F401  (each registers its commands)
+from . import calibrate, embed, gallery, keys  # noqa: F401  (each registers its commands)
 from .registry import COMMANDS, Context, ModelLoadError, names
 
 __all__ = ["Context", "ModelLoadError", "build_parser", "main"]

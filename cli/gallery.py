@@ -6,18 +6,25 @@
     gallery export FILE / gallery import FILE           .npz or .parquet
     gallery list                                        galleries with counts and the model that filled them
     gallery reembed NAME [--batch N]                    re-embed the stored crops with this model, then switch
+    gallery audit [--gallery G] [--identity I] [--action A] [--limit N] [--json]
+                                                        the audit trail of gallery writes, newest first
 
 The store is ``--url`` or ``ADAFACE_GALLERY_URL``; the model options (``--weights``, ``--arch``,
 ``--device``, ``--align``) are those of the other commands. ``build`` is resumable: a photo
 whose sha256 the gallery already holds is skipped before any work, and each photo is committed
 as it is enrolled, so an interrupted build continues where it stopped. A gallery filled by
 another model than the one loaded is refused (exit status 2, ``model_mismatch``); ``reembed``
-is resumable too (the vectors made so far are kept in the store).
+is resumable too (the vectors made so far are kept in the store). Writes are recorded in the
+audit trail as made by ``cli:<user>`` (the login name) from ``local``.
 """
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
 import sys
+from datetime import datetime, timezone
 from contextlib import closing
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from adaface.options import DEFAULT_TOP_K
 
 from gallery.galleries import Galleries, decide, photo_sha256
 from gallery.ann import SearchParams
+from gallery.audit import ACTIONS, MAX_EVENTS, Actor
 from gallery.open import open_store
 from gallery.reembed import BATCH as REEMBED_BATCH
 from gallery.reembed import crop_png, reembed
@@ -43,6 +51,15 @@ def _url(args, ctx) -> str:
     """The store: ``--url``, or the settings' (``ADAFACE_GALLERY_URL``), relative paths resolved."""
     settings = ctx.settings(**({"gallery_url": args.url} if args.url else {}))
     return settings.gallery_store_url()
+
+
+def _actor() -> Actor:
+    """Who the audit trail records for this command's writes: ``cli:<login name>``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):       # no passwd entry (a container's arbitrary uid)
+        user = f"uid{os.getuid()}"
+    return Actor(f"cli:{user}", "local")
 
 
 def _print_error(exc: Exception) -> int:
@@ -63,7 +80,8 @@ def cmd_build(args, ctx) -> int:
     keep_crops = ctx.settings().store_crops
     store = open_store(_url(args, ctx))
     try:
-        store.ensure_gallery(args.gallery)
+        actor = _actor()
+        store.ensure_gallery(args.gallery, actor)
         done = store.photo_hashes(args.gallery)
         paths = list_images(folder)
         extractor = None
@@ -89,7 +107,8 @@ def cmd_build(args, ctx) -> int:
                 continue
             crop = crop_png(faces[0].crop) if keep_crops and faces[0].crop is not None else None
             store.enroll(args.gallery, person_from_path(path, folder, labels),
-                         [NewFace(faces[0].embedding, faces[0].norm, sha, crop)], model=extractor.identity)
+                         [NewFace(faces[0].embedding, faces[0].norm, sha, crop)], model=extractor.identity,
+                         actor=actor)
             done.add(sha)
             added += 1
         gallery = store.get_gallery(args.gallery)
@@ -171,7 +190,7 @@ def cmd_export(args, ctx) -> int:
 def cmd_import(args, ctx) -> int:
     from tqdm import tqdm
     with closing(open_store(_url(args, ctx))) as store, tqdm(desc=f"gallery {args.gallery}", unit="face") as bar:
-        added, existing = import_gallery(store, args.gallery, Path(args.file), progress=bar.update)
+        added, existing = import_gallery(store, args.gallery, Path(args.file), progress=bar.update, actor=_actor())
     print(f"imported {added} faces into gallery {args.gallery} ({existing} were already there)")
     return 0
 
@@ -197,7 +216,7 @@ def cmd_reembed(args, ctx) -> int:
                 bar.total = total
                 bar.n = done
                 bar.refresh()
-            result = reembed(store, name, extractor.identity, extractor.embed_crops, progress, args.batch)
+            result = reembed(store, name, extractor.identity, extractor.embed_crops, progress, args.batch, _actor())
     if not result.switched:
         print(f"gallery {name} is already on {result.model.name}: nothing to do")
         return 0
@@ -207,6 +226,25 @@ def cmd_reembed(args, ctx) -> int:
         print(f"{len(result.left_out)} faces had no stored crop and were removed:")
         for face_id, identity in result.left_out:
             print(f"  face {face_id} of {identity}")
+    return 0
+
+
+# -- gallery audit -------------------------------------------------------------------------------
+
+def cmd_audit(args, ctx) -> int:
+    with closing(open_store(_url(args, ctx))) as store:
+        events = store.audit_events([args.gallery] if args.gallery else None, args.identity, args.action,
+                                    args.before, args.limit)
+    for e in events:
+        if args.json:
+            print(json.dumps(e.to_dict()))
+            continue
+        when = datetime.fromtimestamp(e.at, timezone.utc).isoformat(timespec="seconds")
+        who = f"{e.actor}@{e.address}" if e.address else e.actor
+        what = f"{e.gallery}/{e.identity}" if e.identity else e.gallery
+        faces = f" faces {','.join(map(str, e.face_ids))}" if e.face_ids else ""
+        detail = f" {json.dumps(e.detail, sort_keys=True)}" if e.detail else ""
+        print(f"{e.id}\t{when}\t{who}\t{e.action}\t{what}{faces}{detail}")
     return 0
 
 
@@ -244,3 +282,12 @@ def register(sub, parents) -> None:
     p.add_argument("name", nargs="?", help="the gallery (default: --gallery)")
     p.add_argument("--batch", type=int, default=REEMBED_BATCH, help=f"crops per forward (default {REEMBED_BATCH})")
     p.set_defaults(run=cmd_reembed)
+    p = actions.add_parser("audit", help="the audit trail of gallery writes, newest first")
+    p.add_argument("--url", help="gallery store (default: ADAFACE_GALLERY_URL)")
+    p.add_argument("--gallery", help="only this gallery's rows (default: every gallery)")
+    p.add_argument("--identity", help="only rows about this identity name")
+    p.add_argument("--action", choices=sorted(ACTIONS), help="only this kind of write")
+    p.add_argument("--before", type=int, help="only rows older than this row id")
+    p.add_argument("--limit", type=int, default=100, help=f"rows (default 100, at most {MAX_EVENTS})")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.set_defaults(run=cmd_audit)

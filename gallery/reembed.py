@@ -21,6 +21,7 @@ from PIL import Image
 from adaface.identity import ModelIdentity
 from adaface.options import CROP_SIZE
 
+from .audit import Actor
 from .store import GalleryStore
 
 #: crops per forward and per staged write
@@ -57,10 +58,11 @@ def crop_from_png(data: bytes) -> np.ndarray:
 
 
 def reembed(store: GalleryStore, gallery: str, model: ModelIdentity, embed: Callable[[np.ndarray], tuple],
-            progress: Optional[Callable[[int, int], None]] = None, batch: int = BATCH) -> ReembedResult:
+            progress: Optional[Callable[[int, int], None]] = None, batch: int = BATCH,
+            actor: Optional[Actor] = None) -> ReembedResult:
     """Re-embed ``gallery`` with ``model``: ``embed(crops N×112×112×3 uint8 RGB) -> (float32
     N×512 unit embeddings, norms N)`` is that model's forward; ``progress(done, total)`` is
-    called after each batch."""
+    called after each batch; ``actor`` is who the switch is recorded for in the audit trail."""
     current = store.get_gallery(gallery).model
     if current is not None and (current.arch, current.fingerprint) == (model.arch, model.fingerprint):
         return ReembedResult(gallery, model, 0, store.get_gallery(gallery).faces, [], switched=False)
@@ -71,7 +73,7 @@ def reembed(store: GalleryStore, gallery: str, model: ModelIdentity, embed: Call
             progress(state.staged, state.with_crop)
         pending = store.reembed_pending(gallery, model, batch)
         if not pending:
-            left_out = store.finish_reembed(gallery, model)
+            left_out = store.finish_reembed(gallery, model, actor)
             if left_out is not None:
                 return ReembedResult(gallery, model, done_now, store.get_gallery(gallery).faces, left_out)
             continue  # a face enrolled meanwhile: embed it too

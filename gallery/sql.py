@@ -16,6 +16,9 @@ import numpy as np
 
 from adaface.identity import ModelIdentity
 
+from . import audit
+from .audit import Actor, AuditEvent
+
 from .errors import (CropNotFoundError, FaceNotFoundError, GalleryExistsError, GalleryNotFoundError, IdentityExistsError,
                      ModelMismatchError,
                      IdentityNotFoundError)
@@ -90,7 +93,7 @@ CREATE INDEX IF NOT EXISTS adaface_reembed_gallery ON adaface_reembed (gallery_i
 def schema(id_column: str, integer: str, real: str, blob: str) -> str:
     """The tables and indexes, in a backend's column types: ``id_column`` (an auto-increment
     primary key), ``integer`` (64-bit), ``real`` (double) and ``blob`` (bytes)."""
-    return _SCHEMA.format(id_column=id_column, integer=integer, real=real, blob=blob)
+    return (_SCHEMA + audit.SCHEMA).format(id_column=id_column, integer=integer, real=real, blob=blob)
 
 
 class Tx:
@@ -214,21 +217,24 @@ class SqlStore(GalleryStore):
 
     # -- galleries ---------------------------------------------------------------------------
 
-    def create_gallery(self, name: str) -> Gallery:
+    def create_gallery(self, name: str, actor: Optional[Actor] = None) -> Gallery:
         check_gallery_name(name)
         with self._write() as tx:
             row = tx.one("INSERT INTO adaface_galleries (name, created_at, version) VALUES (%s, %s, 0) "
                          "ON CONFLICT (name) DO NOTHING RETURNING id, name, created_at, version",
                          (name, time.time()))
+            if row is not None:
+                audit.write(tx, actor, "gallery.create", name)
         if row is None:
             raise GalleryExistsError(name)
         return self._gallery(row)
 
-    def ensure_gallery(self, name: str) -> Gallery:
+    def ensure_gallery(self, name: str, actor: Optional[Actor] = None) -> Gallery:
         check_gallery_name(name)
         with self._write() as tx:
-            tx.run("INSERT INTO adaface_galleries (name, created_at, version) VALUES (%s, %s, 0) "
-                   "ON CONFLICT (name) DO NOTHING", (name, time.time()))
+            if tx.run("INSERT INTO adaface_galleries (name, created_at, version) VALUES (%s, %s, 0) "
+                      "ON CONFLICT (name) DO NOTHING", (name, time.time())):
+                audit.write(tx, actor, "gallery.create", name)
             row = tx.one(f"SELECT {self._GALLERY_COLUMNS} FROM {self._GALLERY_FROM} WHERE g.name = %s", (name,))
         return self._gallery(row)
 
@@ -245,9 +251,13 @@ class SqlStore(GalleryStore):
             rows = tx.all(f"SELECT {self._GALLERY_COLUMNS} FROM {self._GALLERY_FROM} ORDER BY g.name")
         return [self._gallery(r) for r in rows]
 
-    def delete_gallery(self, name: str) -> None:
+    def delete_gallery(self, name: str, actor: Optional[Actor] = None) -> None:
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, name)
+            counts = tx.one("SELECT (SELECT count(*) FROM adaface_identities WHERE gallery_id = %s), "
+                            "(SELECT count(*) FROM adaface_faces WHERE gallery_id = %s)", (gallery_id, gallery_id))
+            audit.write(tx, actor, "gallery.delete", name,
+                        detail={"identities_removed": int(counts[0]), "faces_removed": int(counts[1])})
             tx.run("DELETE FROM adaface_changes WHERE gallery_id = %s", (gallery_id,))
             tx.run("DELETE FROM adaface_reembed WHERE gallery_id = %s", (gallery_id,))
             tx.run(f"DELETE FROM adaface_crops WHERE face_id IN ({_GALLERY_FACES})", (gallery_id,))
@@ -261,7 +271,8 @@ class SqlStore(GalleryStore):
     # -- identities and faces ----------------------------------------------------------------
 
     def enroll(self, gallery: str, identity: str, faces: Sequence[NewFace],
-               metadata: Optional[dict] = None, model: Optional[ModelIdentity] = None) -> Enrolled:
+               metadata: Optional[dict] = None, model: Optional[ModelIdentity] = None,
+               actor: Optional[Actor] = None) -> Enrolled:
         check_identity_name(identity)
         meta_text = check_metadata(metadata)
         blobs = [vector_blob(f.embedding) for f in faces]
@@ -295,6 +306,10 @@ class SqlStore(GalleryStore):
                 results.append((record, row is not None))
             if added:
                 self._record(tx, gallery_id, added, "add")
+            if added or created or meta_text is not None:
+                audit.write(tx, actor, "identity.enroll", gallery, identity, ident[0], added,
+                            {"created": created, "metadata_replaced": meta_text is not None,
+                             "photos_already_enrolled": len(faces) - len(added)})
             count = tx.one("SELECT count(*) FROM adaface_faces WHERE identity_id = %s", (ident[0],))[0]
         identity_record = Identity(ident[0], ident[1], read_metadata(ident[2]), ident[3], count)
         return Enrolled(identity_record, results, created)
@@ -315,7 +330,7 @@ class SqlStore(GalleryStore):
             return self._identity_with_faces(tx, ident[0])
 
     def update_identity(self, gallery: str, name: str, new_name: Optional[str] = None,
-                        metadata: Optional[dict] = None) -> Identity:
+                        metadata: Optional[dict] = None, actor: Optional[Actor] = None) -> Identity:
         meta_text = check_metadata(metadata)
         if new_name is not None:
             check_identity_name(new_name)
@@ -334,9 +349,16 @@ class SqlStore(GalleryStore):
                     raise IdentityNotFoundError(gallery, name)
             if meta_text is not None:
                 tx.run("UPDATE adaface_identities SET metadata = %s WHERE id = %s", (meta_text, ident[0]))
+            renamed = new_name is not None and new_name != name
+            if renamed or meta_text is not None:
+                detail = {"metadata_replaced": meta_text is not None}
+                if renamed:
+                    detail["renamed_from"] = name
+                audit.write(tx, actor, "identity.update", gallery, new_name if renamed else name, ident[0],
+                            detail=detail)
             return self._identity_with_faces(tx, ident[0])
 
-    def delete_identity(self, gallery: str, name: str) -> int:
+    def delete_identity(self, gallery: str, name: str, actor: Optional[Actor] = None) -> int:
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
             ident = self._identity_row(tx, gallery_id, gallery, name)
@@ -347,21 +369,31 @@ class SqlStore(GalleryStore):
             tx.run("DELETE FROM adaface_identities WHERE id = %s", (ident[0],))
             if face_ids:
                 self._record(tx, gallery_id, face_ids, "del")
+            audit.write(tx, actor, "identity.delete", gallery, name, ident[0], face_ids)
         self._forget()
         return len(face_ids)
 
-    def delete_face(self, gallery: str, face_id: int) -> None:
+    def delete_face(self, gallery: str, face_id: int, actor: Optional[Actor] = None) -> None:
         row_id = check_face_id(face_id)
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
-            if row_id is not None and tx.one("SELECT 1 FROM adaface_faces WHERE id = %s AND gallery_id = %s",
-                                             (row_id, gallery_id)) is not None:
+            owner = None if row_id is None else tx.one(
+                "SELECT i.id, i.name FROM adaface_faces f JOIN adaface_identities i ON i.id = f.identity_id "
+                "WHERE f.id = %s AND f.gallery_id = %s", (row_id, gallery_id))
+            if owner is not None:
                 tx.run("DELETE FROM adaface_crops WHERE face_id = %s", (row_id,))
             if row_id is None or tx.run("DELETE FROM adaface_faces WHERE id = %s AND gallery_id = %s",
                                         (row_id, gallery_id)) == 0:
                 raise FaceNotFoundError(gallery, face_id)
             self._record(tx, gallery_id, [row_id], "del")
+            audit.write(tx, actor, "face.delete", gallery, owner[1], owner[0], [row_id])
         self._forget()
+
+    def audit_events(self, galleries: Optional[Sequence[str]] = None, identity: Optional[str] = None,
+                     action: Optional[str] = None, before: Optional[int] = None, limit: int = 100) -> list:
+        sql, args = audit.query(galleries, identity, action, before, limit)
+        with self._read() as tx:
+            return [audit.event(r) for r in tx.all(sql, args)]
 
     def photo_hashes(self, gallery: str) -> set:
         with self._read() as tx:
@@ -443,7 +475,7 @@ class SqlStore(GalleryStore):
                         "WHERE r.gallery_id = %s AND r.fingerprint = %s", (gallery_id, model.fingerprint))[0]
         return ReembedState(with_crop, staged, total - with_crop)
 
-    def finish_reembed(self, gallery: str, model: ModelIdentity) -> Optional[list]:
+    def finish_reembed(self, gallery: str, model: ModelIdentity, actor: Optional[Actor] = None) -> Optional[list]:
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
             if self._reembed_state(tx, gallery_id, model).pending:
@@ -465,6 +497,9 @@ class SqlStore(GalleryStore):
             touched = sorted(every + [r[0] for r in left_out])
             if touched:
                 self._record(tx, gallery_id, touched, "add")
+            audit.write(tx, actor, "gallery.reembed", gallery, face_ids=[r[0] for r in left_out],
+                        detail={"model": model.name, "faces_reembedded": len(every),
+                                "faces_removed_without_crop": len(left_out)})
         if left_out:
             self._forget()
         return [(r[0], r[1]) for r in left_out]

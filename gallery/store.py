@@ -30,6 +30,7 @@ import numpy as np
 from adaface.identity import ModelIdentity
 from adaface.options import EMBEDDING_SIZE
 
+from .audit import Actor
 from .errors import BadMetadataError, BadNameError
 
 logger = logging.getLogger(__name__)
@@ -294,11 +295,11 @@ class GalleryStore(abc.ABC):
 
     # -- galleries ---------------------------------------------------------------------------
     @abc.abstractmethod
-    def create_gallery(self, name: str) -> Gallery:
+    def create_gallery(self, name: str, actor: Optional[Actor] = None) -> Gallery:
         """A new, empty gallery (GalleryExistsError if the name is taken)."""
 
     @abc.abstractmethod
-    def ensure_gallery(self, name: str) -> Gallery:
+    def ensure_gallery(self, name: str, actor: Optional[Actor] = None) -> Gallery:
         """The gallery, created when absent."""
 
     @abc.abstractmethod
@@ -310,13 +311,14 @@ class GalleryStore(abc.ABC):
         """Every gallery, by name, with counts."""
 
     @abc.abstractmethod
-    def delete_gallery(self, name: str) -> None:
+    def delete_gallery(self, name: str, actor: Optional[Actor] = None) -> None:
         """Delete the gallery and everything in it."""
 
     # -- identities and faces ----------------------------------------------------------------
     @abc.abstractmethod
     def enroll(self, gallery: str, identity: str, faces: Sequence[NewFace],
-               metadata: Optional[dict] = None, model: Optional[ModelIdentity] = None) -> Enrolled:
+               metadata: Optional[dict] = None, model: Optional[ModelIdentity] = None,
+               actor: Optional[Actor] = None) -> Enrolled:
         """Add faces to an identity (created if absent; metadata replaced when given), in one
         transaction; a photo sha256 the identity already has is not stored again. With ``model``
         (the network that made the embeddings) the gallery's model is checked as
@@ -332,16 +334,23 @@ class GalleryStore(abc.ABC):
 
     @abc.abstractmethod
     def update_identity(self, gallery: str, name: str, new_name: Optional[str] = None,
-                        metadata: Optional[dict] = None) -> Identity:
+                        metadata: Optional[dict] = None, actor: Optional[Actor] = None) -> Identity:
         """Rename (IdentityExistsError if taken) and/or replace the metadata."""
 
     @abc.abstractmethod
-    def delete_identity(self, gallery: str, name: str) -> int:
+    def delete_identity(self, gallery: str, name: str, actor: Optional[Actor] = None) -> int:
         """Delete an identity and its faces; the number of faces removed."""
 
     @abc.abstractmethod
-    def delete_face(self, gallery: str, face_id: int) -> None:
+    def delete_face(self, gallery: str, face_id: int, actor: Optional[Actor] = None) -> None:
         """Delete one face (FaceNotFoundError if the gallery has no such face)."""
+
+    @abc.abstractmethod
+    def audit_events(self, galleries: Optional[Sequence[str]] = None, identity: Optional[str] = None,
+                     action: Optional[str] = None, before: Optional[int] = None, limit: int = 100) -> list:
+        """The audit trail (:mod:`gallery.audit`), newest first: up to ``limit`` (at most
+        :data:`gallery.audit.MAX_EVENTS`) :class:`gallery.audit.AuditEvent`, of the named galleries
+        only (None: all), of one identity name or action, older than the row id ``before``."""
 
     @abc.abstractmethod
     def photo_hashes(self, gallery: str) -> set:
@@ -380,7 +389,7 @@ class GalleryStore(abc.ABC):
         """How far a re-embed with ``model`` has come."""
 
     @abc.abstractmethod
-    def finish_reembed(self, gallery: str, model: ModelIdentity) -> Optional[list]:
+    def finish_reembed(self, gallery: str, model: ModelIdentity, actor: Optional[Actor] = None) -> Optional[list]:
         """In one transaction: every face takes its staged embedding, faces without a crop are
         removed, and the gallery's model becomes ``model``; the removed faces as (face id,
         identity name). None (and nothing changed) while some face with a crop is not staged."""

@@ -21,6 +21,7 @@ import numpy as np
 from adaface.identity import ModelIdentity
 from adaface.options import EMBEDDING_SIZE
 
+from .audit import Actor
 from .store import ExportRow, GalleryStore, NewFace
 
 #: faces per enroll transaction on import
@@ -105,9 +106,10 @@ def export_gallery(store: GalleryStore, gallery: str, path: Path) -> int:
     return write_rows(path, store.export_rows(gallery), store.get_gallery(gallery).model)
 
 
-def import_gallery(store: GalleryStore, gallery: str, path: Path, progress=None) -> tuple:
-    """Enroll every row into ``gallery`` (created when absent): (faces added, faces already there)."""
-    store.ensure_gallery(gallery)
+def import_gallery(store: GalleryStore, gallery: str, path: Path, progress=None, actor: Optional[Actor] = None) -> tuple:
+    """Enroll every row into ``gallery`` (created when absent): (faces added, faces already there);
+    the writes are recorded for ``actor`` in the audit trail."""
+    store.ensure_gallery(gallery, actor)
     model = read_model(path)
     if model is not None:
         store.check_model(gallery, model)  # model_mismatch before anything is written
@@ -119,7 +121,7 @@ def import_gallery(store: GalleryStore, gallery: str, path: Path, progress=None)
         for start in range(0, len(group), BATCH):
             chunk = group[start:start + BATCH]
             done = store.enroll(gallery, identity, [NewFace(r.embedding, r.norm, r.photo_sha256) for r in chunk],
-                                metadata, model)
+                                metadata, model, actor)
             added += done.added
             existing += len(chunk) - done.added
             if progress is not None:

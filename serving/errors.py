@@ -35,6 +35,7 @@ STATUS = {
     "uri_too_long": 414,
     "unsupported_format": 415, "unsupported_media_type": 415,
     "expectation_failed": 417,
+    "rate_limited": 429,
     "headers_too_large": 431,
     # the image
     "no_face": 422, "not_aligned": 422,

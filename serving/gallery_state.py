@@ -30,13 +30,13 @@ class GalleryState:
         """The store itself, for work that runs in a thread of its own (a re-embed)."""
         return self._open().store
 
-    def call(self, method: str, *args):
+    def call(self, method: str, *args, **kwargs):
         """Run ``Galleries.<method>`` (or ``Galleries.store.<method>``) in a native thread; its
         result, or its exception raised again here, in the caller."""
         def work():
             galleries = self._open()
             target = getattr(galleries, method, None) or getattr(galleries.store, method)
-            return target(*args)
+            return target(*args, **kwargs)
         return self.offloader.call(work)  # an exception is raised again here, not in the pool
 
     def close(self) -> None:

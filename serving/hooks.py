@@ -1,7 +1,8 @@
-"""What runs around every request: the API-key check, reading the body (bounded in size and
-time), the readiness gate, the request metrics, and handing memory back after large bodies.
+"""What runs around every request: access (key, scope, gallery, rate: :mod:`serving.access`),
+reading the body (bounded in size and time), the readiness gate, the request metrics, and
+handing memory back after large bodies.
 
-The key is checked before a byte of the body is read, so a client without one cannot make the
+Access is checked before a byte of the body is read, so a client without a key cannot make the
 worker hold its upload (what it sends after the answer is discarded as it arrives, by gunicorn,
 within its keep-alive timeout).
 """
@@ -11,10 +12,11 @@ import contextlib
 import io
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 
 from adaface.threads import gevent_active, start_new_thread
 
+from .access import CALLER_KEY, route_scope
 from .errors import ApiError
 from .memory import release_free_heap
 from .requests import BODY_KEY, JSON_KEY
@@ -129,12 +131,14 @@ def install(app: Flask, service) -> None:
     @app.before_request
     def _begin():
         g.started = time.perf_counter()
+        scope = route_scope(current_app, request)
+        if scope is not None:
+            g.caller_label = "refused"                  # until the key is found
+            g.caller = service.access.caller(request.headers, request.remote_addr or "")
+            g.caller_label = request.environ[CALLER_KEY] = g.caller.name
+            service.access.check(g.caller, scope, (request.view_args or {}).get("gallery"))
         if request.method == "OPTIONS":
             return
-        if request.path not in OPEN_ROUTES and not service.auth.allows(request.headers):
-            raise ApiError(401, "unauthorized", "a valid API key is required "
-                           "(Authorization: Bearer <key>, or X-API-Key: <key>)",
-                           headers={"WWW-Authenticate": "Bearer"})
         if request.method in BODY_METHODS and _has_body(request.environ):
             g.body_bytes = read_body(request.environ, settings.max_body_bytes, settings.body_timeout)
         if request.path not in BEFORE_READY and not service.ready:
@@ -145,7 +149,7 @@ def install(app: Flask, service) -> None:
         rule = request.url_rule.rule if request.url_rule else "unmatched"
         started = g.get("started", time.perf_counter())
         service.metrics.observe_request(rule, method_label(request.method), response.status_code,
-                                        time.perf_counter() - started)
+                                        time.perf_counter() - started, g.get("caller_label", "open"))
         if g.get("body_bytes", 0) >= LARGE_BODY_BYTES:
             response.call_on_close(_release_heap_later)
         return response

@@ -21,6 +21,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("adaface_requests_total", "HTTP requests by route and status",
                                 ["route", "method", "status"], registry=r)
+        self.callers = Counter("adaface_caller_requests_total", "HTTP requests by caller (an API key's name, "
+                               "keyless, refused or open) and status", ["caller", "status"], registry=r)
         self.latency = Histogram("adaface_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.faces = Histogram("adaface_faces_per_image", "faces embedded per image",
@@ -32,8 +34,9 @@ class Metrics:
         self.queue = Gauge("adaface_queue_depth", "images admitted and not yet answered",
                            registry=r, multiprocess_mode="livesum")
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str, method: str, status: int, seconds: float, caller: str = "open") -> None:
         self.requests.labels(route, method, str(status)).inc()
+        self.callers.labels(caller, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -151,7 +151,9 @@ def _operation(op: Operation, rule: str, schemas: _Schemas, error_schema: dict) 
         if reply.headers:
             entry["headers"] = {h: {"schema": {"type": "string"}} for h in reply.headers}
         responses[str(status)] = entry
-    for status in op.errors:
+    # a route behind a key can also answer 403 (the key lacks the scope) and 429 (its rate)
+    errors = sorted(set(op.errors) | ({403, 429} if 401 in op.errors else set()))
+    for status in errors:
         responses[str(status)] = _error_reply(status, error_schema)
     out["responses"] = responses
     return out

@@ -25,19 +25,19 @@ class ReembedJobs:
         self._running: dict = {}   # gallery -> None while running, or the exception it failed with
         self._results: dict = {}   # gallery -> the last ReembedResult
 
-    def start(self, gallery: str, model, embed) -> dict:
+    def start(self, gallery: str, model, embed, actor=None) -> dict:
         """Start re-embedding ``gallery`` with ``model`` unless it runs already or is on it; its status."""
         status = self.status(gallery, model)
         if status["status"] in ("done", "running"):
             return status
         with self._lock:
             self._running[gallery] = None
-        start_new_thread(self._run, (gallery, model, embed))
+        start_new_thread(self._run, (gallery, model, embed, actor))
         return {**status, "status": "running"}
 
-    def _run(self, gallery: str, model, embed) -> None:
+    def _run(self, gallery: str, model, embed, actor) -> None:
         try:
-            result = reembed(self.state.store(), gallery, model, embed)
+            result = reembed(self.state.store(), gallery, model, embed, actor=actor)
             logger.info("gallery %s: re-embedded with %s (%d faces, %d left out)", gallery, model.name,
                         result.faces, len(result.left_out))
             with self._lock:

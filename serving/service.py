@@ -13,7 +13,9 @@ from flask import current_app
 from adaface.options import EMBEDDING_SIZE
 from adaface.threads import start_new_thread
 
-from .auth import ApiKeyAuth
+from .access import Access, keyless_scopes
+from .keys import KeyRing, admin_key, parse_line, parse_lines
+from .rates import parse_rate
 from .metrics import Metrics
 from .requests import embed_options
 from .runner import InferenceRunner
@@ -30,7 +32,7 @@ class Service:
         self.extractor = extractor
         self.metrics = Metrics(metrics_dir)
         self.runner = InferenceRunner(extractor, settings, self.metrics)
-        self.auth = ApiKeyAuth(settings.api_key_list())
+        self.access = make_access(settings)
         self.model = f"adaface-{extractor.arch}"
         self.ready = False
         self.not_ready_reason = "warming up: running the first embedding"
@@ -65,6 +67,20 @@ class Service:
         if self.extractor.synthetic:
             headers["X-AdaFace-Weights"] = "synthetic"
         return headers
+
+
+def make_access(settings) -> Access:
+    """The worker's :class:`serving.access.Access` from the settings: the configured keys, or,
+    with none and galleries not open, the admin key made in ``settings.admin_key_path()``.
+    Raises :class:`serving.keys.KeyFileError` for a keys line that cannot be used."""
+    keys = parse_lines(settings.api_key_lines())
+    configured = bool(keys)
+    if not configured and not settings.open_galleries:
+        path = settings.admin_key_path()
+        keys = [k for n, line in enumerate(admin_key(path).splitlines(), 1)
+                if (k := parse_line(line, f"{path} line {n}")) is not None]
+    return Access(KeyRing(keys), keyless_scopes(configured, settings.open_galleries),
+                  parse_rate(settings.keyless_rate))
 
 
 def current() -> Service:

@@ -30,7 +30,7 @@ def extractor():
 
 @pytest.fixture
 def app(tmp_path, extractor):
-    settings = Settings(weights="synthetic", arch="ir_18", device="cpu", warmup=False,
+    settings = Settings(open_galleries=True, weights="synthetic", arch="ir_18", device="cpu", warmup=False,
                         gallery_url=f"sqlite:///{tmp_path}/g.db")
     app = create_app(settings, extractor=extractor)
     yield app
@@ -67,6 +67,7 @@ def _calls(face: bytes, group: bytes):
         ("DELETE", "/v1/galleries/g/faces/1", {}),
         ("DELETE", "/v1/galleries/g/identities/b", {}),
         ("DELETE", "/v1/galleries/g", {}),
+        ("GET", "/v1/audit?gallery=g&limit=5", {}),
     ]
 
 
@@ -148,7 +149,7 @@ def test_library_path_forwards_at_most_max_batch(max_batch, expected):
 
 def test_service_runs_a_48_face_forward(extractor):
     """ADAFACE_MAX_BATCH=48: one request of 48 crops is one forward of 48 (it used to be 32 + 16)."""
-    settings = Settings(weights="synthetic", arch="ir_18", device="cpu", warmup=False, max_batch=48, max_images=48)
+    settings = Settings(open_galleries=True, weights="synthetic", arch="ir_18", device="cpu", warmup=False, max_batch=48, max_images=48)
     app = create_app(settings, extractor=extractor)
     service = app.extensions["adaface"]
     recorder = Recorder(service.runner.batcher.embed)

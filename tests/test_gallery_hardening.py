@@ -34,7 +34,7 @@ def extractor():
 
 @pytest.fixture(params=BACKENDS)
 def app(request, tmp_path, extractor):
-    settings = Settings(weights="synthetic", arch="ir_18", device="cpu", warmup=False,
+    settings = Settings(open_galleries=True, weights="synthetic", arch="ir_18", device="cpu", warmup=False,
                         gallery_url=store_url(request.param, tmp_path))
     app = create_app(settings, extractor=extractor)
     yield app

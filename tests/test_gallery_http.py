@@ -19,7 +19,7 @@ def extractor():
 
 
 def _app(extractor, url, **overrides):
-    settings = Settings(weights="synthetic", arch="ir_18", device="cpu", warmup=False, gallery_url=url, **overrides)
+    settings = Settings(weights="synthetic", arch="ir_18", device="cpu", warmup=False, gallery_url=url, **{"open_galleries": True, **overrides})
     return create_app(settings, extractor=extractor)
 
 
@@ -117,7 +117,7 @@ def test_enroll_and_identify_errors(client):
 
 
 def test_gallery_routes_need_the_api_key(tmp_path, extractor):
-    app = _app(extractor, f"sqlite:///{tmp_path}/g.db", api_keys="secret")
+    app = _app(extractor, f"sqlite:///{tmp_path}/g.db", api_keys="secret", open_galleries=False)
     client = app.test_client()
     assert client.get("/v1/galleries").status_code == 401
     assert client.post("/v1/galleries/g/identify", data=crop_png(1)).status_code == 401

@@ -41,7 +41,7 @@ def model_b():
 
 
 def _app(extractor, url, **overrides):
-    settings = Settings(weights="synthetic", arch=extractor.arch, device="cpu", warmup=False, gallery_url=url,
+    settings = Settings(open_galleries=True, weights="synthetic", arch=extractor.arch, device="cpu", warmup=False, gallery_url=url,
                         **overrides)
     return create_app(settings, extractor=extractor)
 

@@ -24,13 +24,14 @@ GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 READY_TIMEOUT = 120.0
 
 
-def call(port: int, method: str, path: str, body=None, timeout: float = 60.0):
+def call(port: int, method: str, path: str, body=None, timeout: float = 60.0, headers=None):
     """(status, parsed JSON body) of one request on a fresh connection."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        headers = {}
+        headers = dict(headers or {})
         if isinstance(body, dict):
-            body, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+            body = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         conn.request(method, path, body=body, headers=headers)
         r = conn.getresponse()
         return r.status, json.loads(r.read() or b"null")
@@ -41,16 +42,18 @@ def call(port: int, method: str, path: str, body=None, timeout: float = 60.0):
 class Server:
     """``gunicorn -c gunicorn.conf.py flask_http_server:app`` in its own process group."""
 
-    def __init__(self, url: str, log: Path, workers: int = 1, log_level: str = "info"):
+    def __init__(self, url: str, log: Path, workers: int = 1, log_level: str = "info", env=None):
+        extra = dict(env or {})
         self.port, self.log = free_port(), log
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("ADAFACE_") and k.lower() != "prometheus_multiproc_dir"}
         env.update({"ADAFACE_WEIGHTS": "synthetic", "ADAFACE_ARCH": "ir_18", "ADAFACE_DEVICE": "cpu",
+                    "ADAFACE_OPEN_GALLERIES": "true",
                     "ADAFACE_GALLERY_URL": url, "ADAFACE_BIND": f"127.0.0.1:{self.port}",
                     "ADAFACE_WORKERS": str(workers), "ADAFACE_THREADS": "1", "ADAFACE_WARMUP": "false",
                     "ADAFACE_LOG_LEVEL": log_level,
                     # its run folder (control socket, metrics) beside the log: a kill -9 leaves it there
-                    "TMPDIR": str(log.parent)})
+                    "TMPDIR": str(log.parent), **extra})
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([GUNICORN, "-c", "gunicorn.conf.py", "flask_http_server:app"], cwd=REPO,
                                          env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,8 +89,8 @@ def servers():
         server.kill()
 
 
-def _start(servers: list, url: str, log: Path, workers: int = 1, log_level: str = "info") -> Server:
-    server = Server(url, log, workers, log_level)
+def _start(servers: list, url: str, log: Path, workers: int = 1, log_level: str = "info", env=None) -> Server:
+    server = Server(url, log, workers, log_level, env)
     servers.append(server)
     return server.wait_ready()
 

@@ -36,7 +36,7 @@ def extractor():
 
 
 def _app(extractor, **overrides):
-    settings = Settings(**{"weights": "synthetic", "arch": "ir_18", "device": "cpu", **overrides})
+    settings = Settings(**{"open_galleries": True, "weights": "synthetic", "arch": "ir_18", "device": "cpu", **overrides})
     return wait_ready(create_app(settings, extractor=extractor))
 
 

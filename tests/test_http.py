@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from AdaFaceFeature import AdaFaceFeature
 from config import Settings
+from adaface.options import SCOPES
 from flask_http_server import OPEN_ROUTES, create_app
 from tests.conftest import photo
 
@@ -79,7 +80,7 @@ def wait_ready(app, timeout: float = 60.0):
 def make_app(extractor):
     """Factory: an app with synthetic IR-18 settings plus ``overrides``, ready to serve."""
     def make(extractor_=None, **overrides):
-        settings = Settings(**{"weights": "synthetic", "arch": "ir_18", "device": "cpu", **overrides})
+        settings = Settings(**{"open_galleries": True, "weights": "synthetic", "arch": "ir_18", "device": "cpu", **overrides})
         return wait_ready(create_app(settings, extractor=extractor_ or extractor))
     return make
 
@@ -448,7 +449,7 @@ def test_failed_warm_up_is_reported_by_readyz(extractor):
 
     broken.model = copy.copy(extractor.model)
     broken.model.forward = fail  # the forward every embedding goes through
-    client = create_app(Settings(weights="synthetic", arch="ir_18"), extractor=broken).test_client()
+    client = create_app(Settings(open_galleries=True, weights="synthetic", arch="ir_18"), extractor=broken).test_client()
     deadline = time.monotonic() + 30
     while "failed" not in client.get("/readyz").get_json()["error"]["message"]:
         assert time.monotonic() < deadline
@@ -562,7 +563,7 @@ def every_route(app) -> list:
 
 @pytest.fixture(scope="module")
 def auth_app(make_app):
-    return make_app(api_keys=f"{K1},{K2}")
+    return make_app(api_keys=f"{K1},{K2}", open_galleries=False)
 
 
 def test_auth_matrix(auth_app):
@@ -590,7 +591,7 @@ def test_auth_comes_before_other_errors(auth_app):
     client = auth_app.test_client()
     check_error(client.post("/v1/embed", data=b""), 401, "unauthorized")
     check_error(client.post("/v1/embed?faces=xyz", data=b"garbage"), 401, "unauthorized")
-    check_error(client.get("/no/such/route"), 401, "unauthorized")
+    check_error(client.get("/no/such/route"), 404, "not_found")   # no route: nothing to protect
     check_error(client.post("/v1/embed", data=b"", headers={"X-API-Key": K1}), 400, "empty_body")
 
 
@@ -604,7 +605,7 @@ def test_keys_are_never_echoed(auth_app):
         assert K1 not in text and K2 not in text
         assert K1[:8] not in text and K2[:8] not in text
     info = responses[0].get_json()
-    assert info["auth"] is True
+    assert info["auth"] == {"keys": 2, "keyless_scopes": []}
     assert not any("key" in k.lower() for k in info if k != "auth")
 
 
@@ -626,8 +627,8 @@ def test_api_keys_file_indented_comment_is_not_a_key(make_app, tmp_path):
     check_error(client.get("/info", headers={"X-API-Key": "# indented comment"}), 401, "unauthorized")
 
 
-def test_no_keys_means_open(client):
-    assert client.get("/info").get_json()["auth"] is False
+def test_no_keys_and_open_galleries_means_open(client):
+    assert client.get("/info").get_json()["auth"] == {"keys": 0, "keyless_scopes": sorted(SCOPES)}
     assert client.post("/v1/embed", data=GREY).status_code == 422
 
 

@@ -26,7 +26,7 @@ def extractor():
 
 
 def _app(extractor, **overrides):
-    settings = Settings(weights="synthetic", arch="ir_18", device="cpu", warmup=False, **overrides)
+    settings = Settings(weights="synthetic", arch="ir_18", device="cpu", warmup=False, **{"open_galleries": True, **overrides})
     return create_app(settings, extractor=extractor)
 
 
@@ -116,6 +116,13 @@ def _trigger(status: int, extractor, app):
         return app, {"data": b""}
     if status == 401:
         return _app(extractor, api_keys="secret-key"), {"data": crop}
+    if status == 403:
+        return _app(extractor, api_keys="secret-key scopes=gallery:read"), {"data": crop,
+                                                                           "headers": {"X-API-Key": "secret-key"}}
+    if status == 429:
+        limited = _app(extractor, api_keys="secret-key rate=1/h")
+        limited.test_client().post("/v1/embed", data=crop, headers={"X-API-Key": "secret-key"})
+        return limited, {"data": crop, "headers": {"X-API-Key": "secret-key"}}
     if status == 413:
         return app, {"json": {"images": [base64.b64encode(crop).decode()] * 33}}
     if status == 415:

@@ -95,7 +95,7 @@ def start(tmp_path: Path, weights, args=None, bind=True, **env) -> Server:
     port = free_port()
     metrics = tmp_path / f"metrics-{port}"
     metrics.mkdir()
-    env = {"ADAFACE_WEIGHTS": str(weights), "ADAFACE_LOG_LEVEL": "warning",
+    env = {"ADAFACE_WEIGHTS": str(weights), "ADAFACE_LOG_LEVEL": "warning", "ADAFACE_OPEN_GALLERIES": "true",
            "PROMETHEUS_MULTIPROC_DIR": str(metrics), **env}
     if bind:
         env["ADAFACE_BIND"] = f"127.0.0.1:{port}"

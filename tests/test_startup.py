@@ -201,7 +201,7 @@ def start(root: Path, name: str, **env) -> Server:
     (root / "tmp").mkdir(exist_ok=True)
     (root / "home").mkdir(exist_ok=True)
     env = {"ADAFACE_WEIGHTS": "synthetic", "ADAFACE_ARCH": "ir_18", "ADAFACE_DEVICE": "cpu",
-           "ADAFACE_BACKEND": "torch", "ADAFACE_WARMUP": "false", "ADAFACE_THREADS": "1",
+           "ADAFACE_BACKEND": "torch", "ADAFACE_WARMUP": "false", "ADAFACE_THREADS": "1", "ADAFACE_OPEN_GALLERIES": "true",
            "ADAFACE_LOG_LEVEL": "info", "ADAFACE_BIND": f"127.0.0.1:{port}",
            "TMPDIR": str(root / "tmp"), "HOME": str(root / "home"), "XDG_RUNTIME_DIR": str(root / "home"), **env}
     return Server(["-c", "gunicorn.conf.py", "flask_http_server:app"], env, root / f"{name}.log", port)

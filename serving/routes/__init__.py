@@ -4,11 +4,13 @@
 - :mod:`.embed`: ``/v1/embed`` and ``/v1/verify``.
 - :mod:`.galleries`: ``/v1/galleries/...`` (1:N identification).
 - :mod:`.ops`: ``/``, ``/livez``, ``/readyz``, ``/info``, ``/metrics``, ``/openapi.json``.
+- :mod:`.audit`: ``/v1/audit`` (the gallery writes' trail).
 
-Adding a route: a view in its group's module, decorated with ``@blueprint.post(...)`` (or
+Adding a route: a view in its group's module, its scope in :data:`serving.access.SCOPE_OF`
+(a route missing there is admin-only, and a test fails), decorated with ``@blueprint.post(...)`` (or
 ``get``...) and :func:`serving.openapi.document` (summary, query model, body, answers, error
 statuses); answer models sit beside the views (shared ones in :mod:`serving.schemas`).
 """
-from . import compat, embed, galleries, ops
+from . import audit, compat, embed, galleries, ops
 
-BLUEPRINTS = (compat.blueprint, embed.blueprint, galleries.blueprint, ops.blueprint)
+BLUEPRINTS = (compat.blueprint, embed.blueprint, galleries.blueprint, ops.blueprint, audit.blueprint)

@@ -13,7 +13,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 import numpy as np
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from pydantic import Field
 
 from adaface import options as opt
@@ -236,6 +236,11 @@ def _state():
     return current_app.extensions["adaface_gallery"]
 
 
+def _caller():
+    """Who sent the request (:class:`serving.access.Caller`, set by the access check)."""
+    return g.caller
+
+
 # -- names in the path -----------------------------------------------------------------------------
 
 def _raw_segments(environ) -> tuple:
@@ -280,15 +285,19 @@ def check_path_names():
 @document("List galleries with identity and face counts", {200: Reply("galleries", GalleryList)},
           errors=(401, 503))
 def list_galleries():
-    return json_response({"galleries": [_gallery_dict(g) for g in _state().call("list_galleries")]})
+    caller = _caller()
+    return json_response({"galleries": [_gallery_dict(g) for g in _state().call("list_galleries")
+                                        if caller.sees(g.name)]})
 
 
 @blueprint.post("")
 @document("Create a gallery", {201: Reply("the new gallery", GalleryOut)}, body={"application/json": NewGallery},
           errors=(400, 401, 409, 503))
 def create_gallery():
-    name = requests.json_object(request).get("name")
-    return json_response(_gallery_dict(_state().call("create_gallery", name)), status=201)
+    name, caller = requests.json_object(request).get("name"), _caller()
+    if isinstance(name, str) and not caller.sees(name):
+        raise ApiError(403, "forbidden", f"the key {caller.name!r} may only create the galleries it names")
+    return json_response(_gallery_dict(_state().call("create_gallery", name, actor=caller.actor)), status=201)
 
 
 @blueprint.get("/<gallery>")
@@ -302,7 +311,7 @@ def get_gallery(gallery):
 @document("Delete a gallery and everything in it", {200: Reply("deleted", Deleted)}, path_params=GALLERY,
           errors=(401, 404, 503))
 def delete_gallery(gallery):
-    _state().call("delete_gallery", gallery)
+    _state().call("delete_gallery", gallery, actor=_caller().actor)
     return json_response({"deleted": gallery})
 
 
@@ -333,7 +342,8 @@ def update_identity(gallery, identity):
     body = requests.json_object(request)
     if set(body) - set(IdentityChange.model_fields) or not body:
         raise ApiError(400, "bad_json", 'send {"name": "<new name>"} and/or {"metadata": {...}}')
-    updated = _state().call("update_identity", gallery, identity, body.get("name"), body.get("metadata"))
+    updated = _state().call("update_identity", gallery, identity, body.get("name"), body.get("metadata"),
+                            actor=_caller().actor)
     return json_response(_identity_dict(updated, with_faces=True))
 
 
@@ -341,7 +351,7 @@ def update_identity(gallery, identity):
 @document("Delete an identity and its faces", {200: Reply("deleted", Deleted)}, path_params=GALLERY_IDENTITY,
           errors=(401, 404, 503))
 def delete_identity(gallery, identity):
-    removed = _state().call("delete_identity", gallery, identity)
+    removed = _state().call("delete_identity", gallery, identity, actor=_caller().actor)
     return json_response({"deleted": identity, "faces_removed": removed})
 
 
@@ -379,7 +389,8 @@ def enroll(gallery, identity):
         entries.append(_geometry(face))
     if not faces:
         return json_response({"gallery": gallery, "identity": None, "added": 0, "results": entries})
-    enrolled = state.call("enroll", gallery, identity, faces, metadata, service.extractor.identity)
+    enrolled = state.call("enroll", gallery, identity, faces, metadata, service.extractor.identity,
+                          actor=_caller().actor)
     records = iter(enrolled.faces)
     for entry in entries:
         if "error" not in entry:
@@ -395,7 +406,7 @@ def enroll(gallery, identity):
 @document("Delete one face", {200: Reply("deleted", Deleted)},
           path_params={**GALLERY, "face_id": "the face's id (from enroll or the identity)"}, errors=(401, 404, 503))
 def delete_face(gallery, face_id):
-    _state().call("delete_face", gallery, face_id)
+    _state().call("delete_face", gallery, face_id, actor=_caller().actor)
     return json_response({"deleted": face_id})
 
 
@@ -474,7 +485,7 @@ def verify_identity(gallery, identity):
 def start_reembed(gallery):
     service = current()
     status = _state().offloader.call(_jobs().start, gallery, service.extractor.identity,
-                                     service.runner.batcher.submit)
+                                     service.runner.batcher.submit, _caller().actor)
     return json_response(status, status=200 if status["status"] == "done" else 202)
 
 

@@ -57,6 +57,11 @@ class Limits(Answer):
     max_images: int
 
 
+class Auth(Answer):
+    keys: int = Field(description="API keys configured (the made admin key counts)")
+    keyless_scopes: list = Field(description="what a request without a key may do")
+
+
 class Info(Answer):
     arch: str
     weights: str
@@ -73,7 +78,7 @@ class Info(Answer):
     batching: Batching
     defaults: Defaults
     limits: Limits
-    auth: bool
+    auth: Auth
     versions: dict[str, str]
 
 
@@ -125,7 +130,8 @@ def info():
                      "min_face_size": s.min_face_size, "detect_max_side": s.detect_max_side,
                      "verify_threshold": s.verify_threshold},
         "limits": {"max_body_bytes": s.max_body_bytes, "max_pixels": s.max_pixels, "max_images": s.max_images},
-        "auth": service.auth.enabled, "versions": _versions()})
+        "auth": {"keys": len(service.access.ring.keys), "keyless_scopes": sorted(service.access.keyless)},
+        "versions": _versions()})
 
 
 @blueprint.get("/metrics")
