@@ -4,7 +4,6 @@ admin key of the default configuration, and what logs and metrics show of a key 
 The matrix (every route × no key / wrong key / each scope / a gallery-limited key on its own
 gallery, another one, and the listing) runs on a real gunicorn server with gevent workers.
 """
-import http.client
 import re
 import stat
 import time
@@ -18,6 +17,7 @@ from serving import access
 from serving.keys import KeyFileError, KeyRing, hashed_form, parse_line, parse_lines
 from serving.rates import Rate, RateLimiter, parse_rate, retry_after
 from test_gallery_server import Server, call
+from test_server import request
 from test_gallery_support import crop_png, store_url
 
 
@@ -123,17 +123,6 @@ KEYS = {  # name -> (key, attributes)
 }
 HASHED = "hashed-key-0123456789"
 LIMITED = "limited-key-0123456789"
-
-
-def request(port: int, method: str, path: str, body=None, headers=None):
-    """(status, headers, body bytes) of one request on a fresh connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        r = conn.getresponse()
-        return r.status, dict(r.getheaders()), r.read()
-    finally:
-        conn.close()
 
 
 def bearer(key: str) -> dict:
