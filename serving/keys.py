@@ -55,9 +55,6 @@ class Key:
     galleries: Optional[frozenset] = None
     rate: Optional[Rate] = None
 
-    def may(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
-
     def sees(self, gallery: str) -> bool:
         """Whether this key may reach ``gallery`` (any gallery when it names none)."""
         return self.galleries is None or gallery in self.galleries
