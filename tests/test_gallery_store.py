@@ -130,6 +130,44 @@ def test_rename_and_deletes_keep_search_consistent(galleries):
     assert galleries.identify("g", v[:1], 1) == [[]]
 
 
+def test_merge_list_and_delete_several_faces_keep_search_consistent(galleries):
+    """What the CompreFace layer needs: rename onto an existing name merges, faces listed in
+    pages across the gallery, several faces deleted at once; search follows each change."""
+    store = galleries.store
+    store.create_gallery("g")
+    v = unit_vectors(4, seed=9)
+    store.enroll("g", "ann", [_face(v[0], "p0"), _face(v[1], "shared")])
+    store.enroll("g", "anne", [_face(v[2], "p2"), _face(v[3], "shared")])
+    assert galleries.identify("g", v[:1], 1)[0][0].identity == "ann"
+    merged = store.merge_identity("g", "ann", "anne")
+    assert merged.name == "anne" and merged.face_count == 3        # the photo both had is kept once
+    with pytest.raises(IdentityNotFoundError):
+        store.get_identity("g", "ann")
+    assert {c.identity for c in galleries.identify("g", v, 5)[0]} == {"anne"}
+    assert store.get_gallery("g").faces == 3
+    with pytest.raises(IdentityNotFoundError):
+        store.merge_identity("g", "ann", "anne")
+    assert store.merge_identity("g", "anne", "anne").face_count == 3
+
+    store.enroll("g", "bo", [_face(near(v[0], 0.3, 21), "b1")])
+    page, total = store.list_faces("g", limit=2)
+    assert total == 4 and len(page) == 2 and [p[0].id for p in page] == sorted(p[0].id for p in page)
+    rest, _ = store.list_faces("g", limit=2, offset=2)
+    assert {p[1] for p in page + rest} == {"anne", "bo"} and len({p[0].id for p in page + rest}) == 4
+    only, count = store.list_faces("g", "bo")
+    assert count == 1 and only[0][1] == "bo"
+    with pytest.raises(IdentityNotFoundError):
+        store.list_faces("g", "nobody")
+
+    ids = [f.id for f in store.get_identity("g", "anne").faces]
+    deleted = store.delete_faces("g", [ids[0], ids[1], 10 ** 30, -5, only[0][0].id])
+    assert [d[0].id for d in deleted] == sorted([ids[0], ids[1], only[0][0].id])
+    assert store.delete_faces("g", [ids[0]]) == []
+    assert [f.id for f in store.get_identity("g", "anne").faces] == [ids[2]]
+    assert [c.face_id for c in galleries.identify("g", v, 5)[0]] == [ids[2]]
+    assert [e.action for e in store.audit_events(["g"], limit=3)][:2] == ["faces.delete", "identity.enroll"]
+
+
 def test_two_processes_see_each_others_writes(url):
     """Two workers/replicas: writes through either are seen by the other's next search."""
     a, b = Galleries.open(url), Galleries.open(url)

