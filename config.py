@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from adaface import options as opt
+from gallery.store import GALLERY_NAME
 from serving.rates import parse_rate
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -89,6 +90,8 @@ class Settings:
     open_galleries: bool = False            # keyless clients may read and change galleries (a trusted network only)
     admin_key_file: str = "data/admin.key"  # where the admin key is made when no keys are configured
     keyless_rate: str = ""                  # requests per client address without a key: N/s, N/min or N/h; empty: no limit
+    compat_gallery: str = "default"         # the gallery CompreFace and DeepStack clients use (a key limited to one
+                                            # gallery uses that one instead)
     log_level: str = "INFO"
     # gunicorn (read by gunicorn.conf.py)
     bind: str = "0.0.0.0:30035"
@@ -117,6 +120,9 @@ class Settings:
         for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_variable(name)}={getattr(self, name)!r}: must be more than 0")
+        if not re.fullmatch(GALLERY_NAME, self.compat_gallery):
+            raise SettingsError(f"{_variable('compat_gallery')}={self.compat_gallery!r}: a gallery name is letters, "
+                                "digits, '_', '.', '-' (1 to 64, starting with a letter or digit)")
         try:
             parse_rate(self.keyless_rate)
         except ValueError as exc:

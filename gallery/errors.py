@@ -46,6 +46,7 @@ class IdentityNotFoundError(GalleryError):
 
     def __init__(self, gallery: str, name: str):
         super().__init__(f"gallery {gallery!r} has no identity named {name!r}")
+        self.gallery, self.name = gallery, name
 
 
 class IdentityExistsError(GalleryError):
@@ -53,6 +54,7 @@ class IdentityExistsError(GalleryError):
 
     def __init__(self, gallery: str, name: str):
         super().__init__(f"gallery {gallery!r} already has an identity named {name!r}")
+        self.gallery, self.name = gallery, name
 
 
 class FaceNotFoundError(GalleryError):

@@ -42,7 +42,24 @@ SCOPE_OF = {
                                                          "start_reembed")},
     "ops.info": "admin",
     "audit.audit": "admin",
+    # CompreFace's API (serving/routes/compreface.py)
+    **{f"compreface.{name}": "gallery:read" for name in (
+        "list_subjects", "list_examples", "example_image", "verify_example", "recognize", "recognize_embeddings",
+        "verify_embeddings_with_example")},
+    **{f"compreface.{name}": "gallery:write" for name in (
+        "add_subject", "rename_subject", "delete_subject", "delete_all_subjects", "add_example",
+        "delete_examples_of_subject", "delete_example", "delete_examples")},
+    **{f"compreface.{name}": "embed" for name in ("detect", "verify_images", "verify_embeddings")},
+    # DeepStack's face API (serving/routes/deepstack.py)
+    **{f"deepstack.{name}": "gallery:read" for name in ("recognize", "list_faces")},
+    **{f"deepstack.{name}": "gallery:write" for name in ("register", "delete")},
+    **{f"deepstack.{name}": "embed" for name in ("detect", "match")},
 }
+#: endpoints whose clients send the key in the form body (DeepStack's ``api_key``), read from
+#: the body's first bytes when no header carries one
+FORM_KEY_ENDPOINTS = frozenset(e for e in SCOPE_OF if e.startswith("deepstack."))
+#: the form fields such a key may be in
+FORM_KEY_FIELDS = ("api_key", "admin_key")
 #: the name keyless callers have in logs, metrics and the audit trail
 KEYLESS = "keyless"
 #: where the request's caller is kept in the WSGI environ (the access log's ``{adaface.caller}e``)
@@ -118,9 +135,10 @@ class Access:
         self.keyless_rate = keyless_rate
         self.limiter = RateLimiter()
 
-    def caller(self, headers, address: str) -> Caller:
-        """The caller of a request with these headers from ``address``; 401 for a key that matches none."""
-        presented = presented_key(headers)
+    def caller(self, headers, address: str, presented: Optional[str] = None) -> Caller:
+        """The caller of a request with these headers from ``address`` (or with the key
+        ``presented`` elsewhere in it); 401 for a key that matches none."""
+        presented = presented_key(headers) or presented
         if presented is None:
             return Caller(KEYLESS, self.keyless, address)
         key = self.ring.find(presented)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from typing import Optional
+from urllib.parse import parse_qsl
 
 from flask import Flask, Response, current_app, g, request
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from adaface.threads import gevent_active, start_new_thread
 
-from .access import CALLER_KEY, route_scope
+from .access import CALLER_KEY, FORM_KEY_ENDPOINTS, FORM_KEY_FIELDS, presented_key, route_scope
 from .errors import ApiError
 from .memory import release_free_heap
 from .requests import BODY_KEY, JSON_KEY
@@ -33,6 +36,8 @@ KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 #: bodies at least this large hand the freed heap back to the system after their answer
 LARGE_BODY_BYTES = 8 * 1024 * 1024
 READ_BYTES = 1 << 16
+#: bytes of a body read to find a key sent in the form (DeepStack's api_key) before the rest
+PEEK_BYTES = 1 << 16
 
 
 def _has_body(environ) -> bool:
@@ -51,7 +56,23 @@ def read_body(environ, limit: int, timeout: float) -> int:
     if declared is not None and declared > limit:
         raise _body_error(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
     want = limit + 1 if declared is None else declared
-    stream, chunks, size = environ["wsgi.input"], [], 0
+    chunks, size = _read(environ, environ["wsgi.input"], want, timeout)
+    if size > limit:
+        raise _body_error(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
+    if declared is not None and size < declared:
+        raise _body_error(400, "bad_request", f"the request body ended after {size} of {declared} bytes")
+    body = b"".join(chunks)
+    environ[BODY_KEY] = body
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(size)
+    environ.pop("wsgi.input_terminated", None)
+    return size
+
+
+def _read(environ, stream, want: int, timeout: float) -> tuple:
+    """``(chunks, size)``: up to ``want`` bytes of ``stream``, within ``timeout`` seconds (408
+    ``body_timeout``, also when the client goes silent); 400 ``bad_request`` when it cannot be read."""
+    chunks, size = [], 0
     sock = environ.get("gunicorn.socket")
     previous = sock.gettimeout() if sock is not None else None
     deadline = time.monotonic() + timeout
@@ -78,16 +99,68 @@ def read_body(environ, limit: int, timeout: float) -> int:
     finally:
         if sock is not None:
             sock.settimeout(previous)
-    if size > limit:
-        raise _body_error(413, "body_too_large", f"the request body is larger than the limit of {limit} bytes")
-    if declared is not None and size < declared:
-        raise _body_error(400, "bad_request", f"the request body ended after {size} of {declared} bytes")
-    body = b"".join(chunks)
-    environ[BODY_KEY] = body
-    environ["wsgi.input"] = io.BytesIO(body)
-    environ["CONTENT_LENGTH"] = str(size)
-    environ.pop("wsgi.input_terminated", None)
-    return size
+    return chunks, size
+
+
+class _Prefixed(io.RawIOBase):
+    """A stream that gives ``prefix`` (bytes already read from ``stream``), then the rest."""
+
+    def __init__(self, prefix: bytes, stream):
+        self._prefix, self._stream = memoryview(prefix), stream
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if size is None or size < 0 else min(size, len(self._prefix))
+            head, self._prefix = bytes(self._prefix[:n]), self._prefix[n:]
+            return head
+        return self._stream.read(size) if size is not None and size >= 0 else self._stream.read()
+
+
+def peek_form_key(environ, fields: tuple, limit: int, timeout: float) -> Optional[str]:
+    """The first non-empty value of the form ``fields`` (DeepStack's ``api_key``) in the body's
+    first ``limit`` bytes, or None: a key sent in the body is found before the rest of the body
+    is accepted, so a client without a valid key makes the worker hold at most ``limit`` bytes.
+    Multipart text fields before the first file are read (clients put their fields first), and
+    ``application/x-www-form-urlencoded`` pairs. ``wsgi.input`` then gives the bytes read again."""
+    declared = request.content_length
+    want = limit if declared is None else min(limit, declared)
+    chunks, _ = _read(environ, environ["wsgi.input"], want, timeout)
+    prefix = b"".join(chunks)
+    environ["wsgi.input"] = _Prefixed(prefix, environ["wsgi.input"])
+    complete = declared is not None and len(prefix) >= declared
+    if request.mimetype == "multipart/form-data":
+        found = form_fields(prefix, request.mimetype_params.get("boundary", ""), fields)
+    elif request.mimetype == "application/x-www-form-urlencoded":
+        text = prefix if complete else prefix[:prefix.rfind(b"&") + 1]
+        found = {k: v for k, v in parse_qsl(text.decode("latin-1"), keep_blank_values=True) if k in fields}
+    else:
+        return None
+    return next((found[f] for f in fields if found.get(f)), None)
+
+
+def form_fields(data: bytes, boundary: str, fields: tuple) -> dict:
+    """The text ``fields`` of a multipart body's start ``data``, up to its first file part."""
+    found, name, value = {}, None, []
+    if not boundary:
+        return found
+    decoder = MultipartDecoder(boundary.encode("latin-1", "replace"))
+    decoder.receive_data(data)
+    try:
+        while True:
+            event = decoder.next_event()
+            if isinstance(event, (NeedData, Epilogue, File)):
+                return found
+            if isinstance(event, Field):
+                name, value = event.name, []
+            elif isinstance(event, Data) and name in fields:
+                value.append(event.data)
+                if not event.more_data:
+                    found[name] = b"".join(value).decode("utf-8", "replace").strip()
+    except ValueError:          # a malformed part: what was found before it
+        return found
 
 
 def _let_others_run() -> None:
@@ -134,7 +207,11 @@ def install(app: Flask, service) -> None:
         scope = route_scope(current_app, request)
         if scope is not None:
             g.caller_label = "refused"                  # until the key is found
-            g.caller = service.access.caller(request.headers, request.remote_addr or "")
+            in_form = None
+            if (request.endpoint in FORM_KEY_ENDPOINTS and request.method in BODY_METHODS
+                    and presented_key(request.headers) is None and _has_body(request.environ)):
+                in_form = peek_form_key(request.environ, FORM_KEY_FIELDS, PEEK_BYTES, settings.body_timeout)
+            g.caller = service.access.caller(request.headers, request.remote_addr or "", in_form)
             g.caller_label = request.environ[CALLER_KEY] = g.caller.name
             service.access.check(g.caller, scope, (request.view_args or {}).get("gallery"))
         if request.method == "OPTIONS":

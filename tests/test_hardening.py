@@ -17,9 +17,9 @@ from AdaFaceFeature import AdaFaceFeature
 from config import Settings
 from flask_http_server import create_app
 from serving.runner import InferenceRunner
-from tests.conftest import photo
-from tests.test_http import check_error, wait_ready
-from tests.test_server import metric_samples, request, start
+from conftest import photo
+from test_http import check_error, wait_ready
+from test_server import metric_samples, request, start
 
 KEY = "hardening-key-5a1e"
 

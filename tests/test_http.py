@@ -20,7 +20,7 @@ from AdaFaceFeature import AdaFaceFeature
 from config import Settings
 from adaface.options import SCOPES
 from flask_http_server import OPEN_ROUTES, create_app
-from tests.conftest import photo
+from conftest import photo
 
 COMPAT_JSON = ("/b64_represent_json", "/byte_represent_json", "/represent_json")
 COMPAT_BYTES = ("/b64_represent_byte", "/byte_represent_byte", "/represent_bytes")

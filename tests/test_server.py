@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import net
 from AdaFaceFeature import AdaFaceFeature
-from tests.conftest import REPO, photo
+from conftest import REPO, photo
 
 pytestmark = pytest.mark.server
 

@@ -24,7 +24,7 @@ from config import DEFAULT_WEIGHTS, DOWNLOADED_WEIGHTS
 from conftest import REPO
 from serving.errors import STATUS
 from serving.gunicorn_worker import GUNICORN_CODES
-from tests.test_server import Server, free_port, request
+from test_server import Server, free_port, request
 
 #: what the three ways forward without weights say
 THREE_WAYS = ("make weights", "pretrained/adaface_ir101_webface12m.ckpt", "ADAFACE_WEIGHTS=synthetic make run")

@@ -367,20 +367,39 @@ def delete_identity(gallery, identity):
           query=EnrollQuery, body=IMAGE_BODY, path_params=GALLERY_IDENTITY,
           errors=(400, 401, 404, 409, 413, 415, 422, 503))
 def enroll(gallery, identity):
-    service, state = current(), _state()
+    service = current()
     inputs, batch = requests.image_inputs(request, service.settings.max_images)
     metadata = _metadata_arg()
     query = requests.parse_query(EnrollQuery, request.args)
+    enrolled, entries = enroll_photos(gallery, identity, inputs, query, metadata, require=not batch)
+    if enrolled is None:
+        return json_response({"gallery": gallery, "identity": None, "added": 0, "results": entries})
+    body = {"gallery": gallery, "identity": _identity_dict(enrolled.identity), "added": enrolled.added,
+            "results": entries}
+    return json_response(body, status=201 if enrolled.added else 200)
+
+
+def enroll_photos(gallery: str, identity: str, inputs: list, query, metadata=None, require: bool = True,
+                  accept=None) -> tuple:
+    """Embed ``inputs`` (photos as bytes or base64) and store each one's chosen face for
+    ``identity`` (created if new): ``(enrolled, entries)``, the store's
+    :class:`gallery.store.Enrolled` (None when no photo gave a face) and one entry per photo
+    (its face's geometry with ``face_id``, ``photo_sha256``, ``status``; or its error). With
+    ``require`` the first photo's error is raised instead; ``accept(face)`` False counts as no
+    face. The gallery's model is checked before any embedding work."""
+    service, state = current(), _state()
     if query.faces is None and service.settings.faces == "all":
         query = query.model_copy(update={"faces": "largest"})
     state.call("check_model", gallery, service.extractor.identity)  # before any embedding work
     results = service.embed(inputs, query)
-    if not batch:
-        results[0].require_faces()
     entries, faces = [], []
     for data, result in zip(inputs, results):
         failure = result.failure()
+        if failure is None and accept is not None and not accept(result.faces[0]):
+            failure = NoFaceError()
         if failure is not None:
+            if require:
+                raise failure
             entries.append(error_entry(failure))
             continue
         face = result.faces[0]
@@ -388,7 +407,7 @@ def enroll(gallery, identity):
         faces.append(NewFace(face.embedding, face.norm, photo_sha256(photo_bytes(data)), png))
         entries.append(_geometry(face))
     if not faces:
-        return json_response({"gallery": gallery, "identity": None, "added": 0, "results": entries})
+        return None, entries
     enrolled = state.call("enroll", gallery, identity, faces, metadata, service.extractor.identity,
                           actor=_caller().actor)
     records = iter(enrolled.faces)
@@ -397,9 +416,7 @@ def enroll(gallery, identity):
             record, new = next(records)
             entry.update({"face_id": record.id, "photo_sha256": record.photo_sha256,
                           "status": "added" if new else "exists"})
-    body = {"gallery": gallery, "identity": _identity_dict(enrolled.identity), "added": enrolled.added,
-            "results": entries}
-    return json_response(body, status=201 if enrolled.added else 200)
+    return enrolled, entries
 
 
 @blueprint.delete("/<gallery>/faces/<int:face_id>")
