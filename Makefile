@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt requirements-dev-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/pip install --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install --disable-pip-version-check --no-deps -r requirements-dev-nodeps.txt
 	touch $(STAMP)
 
 # Fetch the IR-101 WebFace12M weights from Hugging Face (fails with instructions when offline).

@@ -2,7 +2,7 @@
 HTTP, against a real gunicorn server (gevent worker, synthetic IR-18 weights, SQLite gallery).
 
 The clients: ``compreface-sdk`` (installed with ``--no-deps`` beside requests-toolbelt 1.0,
-requirements-nodeps.txt) and ``deepstack-python`` (what Home Assistant's integration uses). Every
+requirements-dev-nodeps.txt) and ``deepstack-python`` (what Home Assistant's integration uses). Every
 SDK method, on the shared photos; enrolled photos come back as themselves (the same photo, the
 same embedding: similarity 1 whatever the weights). Keys: a CompreFace-style UUID limited to the
 gallery ``home``, a detection-only key, a DeepStack key limited to ``house``, a key for every
