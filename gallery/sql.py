@@ -164,6 +164,13 @@ class SqlStore(GalleryStore):
         return Identity(ident[0], ident[1], read_metadata(ident[2]), ident[3], len(records), records)
 
     @staticmethod
+    def _lock_gallery(tx: Tx, gallery_id: int) -> None:
+        """Serialise with the gallery's other writers now (PostgreSQL: its row lock, which the
+        version bump takes anyway), before reading what the write will change: an enroll that
+        commits in between would otherwise add faces this write does not see."""
+        tx.run("UPDATE adaface_galleries SET version = version WHERE id = %s", (gallery_id,))
+
+    @staticmethod
     def _record(tx: Tx, gallery_id: int, face_ids: Sequence[int], op: str) -> int:
         """Bump the gallery's version and log ``op`` ('add' or 'del') for each face; the new version."""
         version = tx.one("UPDATE adaface_galleries SET version = version + 1 WHERE id = %s RETURNING version",
@@ -361,6 +368,7 @@ class SqlStore(GalleryStore):
     def delete_identity(self, gallery: str, name: str, actor: Optional[Actor] = None) -> int:
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
+            self._lock_gallery(tx, gallery_id)
             ident = self._identity_row(tx, gallery_id, gallery, name)
             face_ids = [r[0] for r in tx.all("SELECT id FROM adaface_faces WHERE identity_id = %s", (ident[0],))]
             tx.run("DELETE FROM adaface_crops WHERE face_id IN (SELECT id FROM adaface_faces WHERE identity_id = %s)",
@@ -392,6 +400,7 @@ class SqlStore(GalleryStore):
     def merge_identity(self, gallery: str, name: str, into: str, actor: Optional[Actor] = None) -> Identity:
         with self._write() as tx:
             gallery_id = self._gallery_id(tx, gallery)
+            self._lock_gallery(tx, gallery_id)
             source = self._identity_row(tx, gallery_id, gallery, name)
             target = self._identity_row(tx, gallery_id, gallery, into)
             if source[0] == target[0]:
@@ -415,7 +424,8 @@ class SqlStore(GalleryStore):
                 # a moved face is logged as added again: an index re-reads it with its new owner
                 self._record(tx, gallery_id, [f for f, _ in faces], "add")
             audit.write(tx, actor, "identity.merge", gallery, into, target[0], moved,
-                        {"merged_from": name, "faces_moved": len(moved), "duplicate_photos_dropped": len(dropped)})
+                        {"merged_from": name, "faces_moved": len(moved), "duplicate_photos_dropped": len(dropped),
+                         "dropped_face_ids": dropped[:100]})
             merged = self._identity_with_faces(tx, target[0])
         if dropped:
             self._forget()

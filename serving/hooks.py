@@ -2,8 +2,9 @@
 reading the body (bounded in size and time), the readiness gate, the request metrics, and
 handing memory back after large bodies.
 
-Access is checked before a byte of the body is read, so a client without a key cannot make the
-worker hold its upload (what it sends after the answer is discarded as it arrives, by gunicorn,
+Access is checked before a byte of the body is read (on DeepStack's routes, whose clients send
+the key as a form field, after at most :data:`PEEK_BYTES` of it), so a client without a key
+cannot make the worker hold its upload (what it sends after the answer is discarded as it arrives, by gunicorn,
 within its keep-alive timeout).
 """
 from __future__ import annotations
@@ -66,6 +67,8 @@ def read_body(environ, limit: int, timeout: float) -> int:
     environ["wsgi.input"] = io.BytesIO(body)
     environ["CONTENT_LENGTH"] = str(size)
     environ.pop("wsgi.input_terminated", None)
+    environ.pop("HTTP_TRANSFER_ENCODING", None)      # else werkzeug takes the length as unknown: no form
+    request.__dict__.pop("content_length", None)     # a cached property, read above
     return size
 
 
@@ -130,7 +133,7 @@ def peek_form_key(environ, fields: tuple, limit: int, timeout: float) -> Optiona
     chunks, _ = _read(environ, environ["wsgi.input"], want, timeout)
     prefix = b"".join(chunks)
     environ["wsgi.input"] = _Prefixed(prefix, environ["wsgi.input"])
-    complete = declared is not None and len(prefix) >= declared
+    complete = len(prefix) < want or (declared is not None and len(prefix) >= declared)
     if request.mimetype == "multipart/form-data":
         found = form_fields(prefix, request.mimetype_params.get("boundary", ""), fields)
     elif request.mimetype == "application/x-www-form-urlencoded":

@@ -144,7 +144,7 @@ def _bad_option(model: type, error: dict) -> ApiError:
                    if isinstance(a, str)]
         return ApiError(400, "bad_option", f"{name} must be one of {', '.join(allowed)}; got {raw!r}")
     if kind.endswith("_parsing") or kind.endswith("_type"):
-        noun = "an integer" if kind.startswith("int") else "a number"
+        noun = {"int": "an integer", "bool": "true or false"}.get(kind.split("_")[0], "a number")
         return ApiError(400, "bad_option", f"{name} must be {noun}; got {raw!r}")
     if field is not None and kind in ("greater_than_equal", "less_than_equal", "finite_number"):
         low = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)

@@ -32,6 +32,7 @@ KEYS = f"""
 {DEEPSTACK} name=ha galleries=house scopes=embed,gallery:read,gallery:write
 {EVERYWHERE} name=ops
 reader name=reader galleries=home scopes=gallery:read
+fresh-key name=fresh galleries=untouched scopes=gallery:read,gallery:write
 """
 
 
@@ -274,6 +275,61 @@ def test_compreface_http_errors(server):
     assert call(port, "GET", "/v1/galleries/shared/identities", headers={"X-API-Key": EVERYWHERE})[0] == 200
 
 
+def test_compreface_http_ids_stay_in_their_gallery_merges_and_edge_cases(server, tmp_path):
+    port = server.port
+    one = _photo("deepface/img1.jpg")
+    status, added = _request(port, "POST", "/api/v1/recognition/faces?subject=gina", RECOGNITION,
+                             files={"file": ("a.jpg", one)})
+    assert status == 201
+    image = added["image_id"]
+    # the same id through a key of another gallery: not found, nothing deleted
+    for method, path in (("GET", f"/api/v1/recognition/faces/{image}/img"),
+                         ("DELETE", f"/api/v1/recognition/faces/{image}")):
+        assert _request(port, method, path, EVERYWHERE)[1]["code"] == 44, path
+    status, body = _request(port, "POST", f"/api/v1/recognition/faces/{image}/verify", EVERYWHERE,
+                            files={"file": ("a.jpg", one)})
+    assert (status, body["code"]) == (404, 44)
+    assert _request(port, "POST", "/api/v1/recognition/faces/delete", EVERYWHERE, body=[image]) == (200, [])
+    assert _request(port, "GET", "/api/v1/recognition/faces?subject=gina", RECOGNITION)[1]["total_elements"] == 1
+    # a gallery nothing was written to yet: its subjects and examples are not found, with their codes
+    assert _request(port, "DELETE", "/api/v1/recognition/subjects/x", "fresh-key") == \
+        (404, {"message": "Subject x not found", "code": 42})
+    assert _request(port, "GET", f"/api/v1/recognition/faces/{image}/img", "fresh-key")[1]["code"] == 44
+    assert _request(port, "GET", "/api/v1/recognition/subjects", "fresh-key") == (200, {"subjects": []})
+    # merging two subjects that share a photo keeps it once
+    _request(port, "POST", "/api/v1/recognition/faces?subject=gina2", RECOGNITION, files={"file": ("a.jpg", one)})
+    _request(port, "POST", "/api/v1/recognition/faces?subject=gina2", RECOGNITION,
+             files={"file": ("b.jpg", _photo("deepface/img2.jpg"))})
+    assert _request(port, "PUT", "/api/v1/recognition/subjects/gina2", RECOGNITION,
+                    body={"subject": "gina", "api_endpoint": "gina2"}) == (200, {"updated": True})
+    listed = _request(port, "GET", "/api/v1/recognition/faces?subject=gina", RECOGNITION)[1]
+    assert listed["total_elements"] == 2
+    assert _request(port, "PUT", "/api/v1/recognition/subjects/gina", RECOGNITION, body={"subject": "gina"}) == \
+        (200, {"updated": False})
+    # bad values: clear 400s
+    for query in ("page=4611686018427387903&size=1000", "status=maybe", "page=-1"):
+        status, body = _request(port, "GET" if "page" in query else "POST",
+                                "/api/v1/recognition/" + ("faces?" if "page" in query else "recognize?") + query,
+                                RECOGNITION, files=None if "page" in query else {"file": ("a.jpg", one)})
+        assert (status, body["code"]) == (400, 26), (query, body)
+    status, body = _request(port, "POST", "/api/v1/recognition/embeddings/recognize", RECOGNITION,
+                            body={"embeddings": [[1e200] * 512]})
+    assert (status, body["code"]) == (400, 26)
+    assert _request(port, "GET", "/api/v1/recognition/subjects/%FF", RECOGNITION)[0] in (400, 405)
+    assert _request(port, "DELETE", "/api/v1/recognition/subjects/%FF", RECOGNITION)[1]["code"] == 26
+    # an aligned crop with detect_faces=false; the verification service with JSON bodies
+    crop = (FACEDATA / "aligned" / "img1_aligned.jpg").read_bytes()
+    status, body = _request(port, "POST", "/api/v1/recognition/recognize?detect_faces=false", RECOGNITION,
+                            files={"file": ("c.jpg", crop)})
+    assert status == 200 and body["result"][0]["box"] == {"probability": 1.0, "x_max": 112, "y_max": 112,
+                                                          "x_min": 0, "y_min": 0}
+    b64 = base64.b64encode(one).decode()
+    status, body = _request(port, "POST", "/api/v1/verification/verify", DETECTION,
+                            body={"source_image": b64, "target_image": b64})
+    assert status == 200 and body["result"][0]["face_matches"][0]["similarity"] == 1.0
+    _request(port, "DELETE", "/api/v1/recognition/subjects", RECOGNITION)
+
+
 def test_compreface_routes_are_in_the_openapi_document(server):
     status, spec = call(server.port, "GET", "/openapi.json")
     paths = set(spec["paths"])
@@ -321,6 +377,14 @@ def _blank() -> bytes:
 
 def test_deepstack_http_fields_and_errors(server):
     port = server.port
+    import requests
+    boundary = "ch0nked"
+    chunked = (_form_start(DEEPSTACK, boundary).replace(b'name="image"; filename="a.jpg"', b'name="userid"')
+               + b"chunky\r\n" + f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+               f"filename=\"a.jpg\"\r\n\r\n".encode() + _photo("deepface/img5.jpg") + f"\r\n--{boundary}--\r\n".encode())
+    r = requests.post(f"http://127.0.0.1:{port}/v1/vision/face/register", data=iter([chunked[:1000], chunked[1000:]]),
+                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+    assert (r.status_code, r.json()) == (200, {"success": True, "message": "face added"})     # a chunked upload
     one, other = _photo("deepface/img1.jpg"), _photo("deepface/img3.jpg")
     form = {"api_key": DEEPSTACK}
     status, body = _request(port, "POST", "/v1/vision/face/register", data={**form, "userid": "dora"},
@@ -361,18 +425,29 @@ def test_deepstack_http_fields_and_errors(server):
         (401, {"success": False, "error": "Incorrect api key"})
 
 
-def test_deepstack_key_in_the_body_is_found_before_the_rest_is_read(server):
-    """A wrong ``api_key`` is refused after the form's first bytes: a 20 MB upload behind it is
-    not read (the answer comes while most of it is unsent)."""
-    import socket
-    boundary = "b0undary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\nwrong\r\n"
+def _form_start(key: str, boundary: str = "b0undary") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"api_key\"\r\n\r\n{key}\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n").encode()
-    total = len(head) + 20 * 1024 * 1024
+
+
+def _send_start(port: int, key: str, sock) -> None:
+    """A recognize request declaring a 20 MB multipart body, of which the key field and 100 kB are sent."""
+    head = _form_start(key)
+    sock.sendall((f"POST /v1/vision/face/recognize HTTP/1.1\r\nHost: x\r\nContent-Length: {len(head) + (20 << 20)}"
+                  "\r\nContent-Type: multipart/form-data; boundary=b0undary\r\n\r\n").encode() + head + b"\0" * 100_000)
+
+
+def test_deepstack_key_in_the_body_is_found_before_the_rest_is_read(server):
+    """The form's ``api_key`` decides before the upload is accepted: a valid one makes the server
+    wait for the rest of the 20 MB (no answer yet), a wrong one is refused at once with most of
+    it unsent."""
+    import socket
+    with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
+        _send_start(server.port, DEEPSTACK, sock)
+        with pytest.raises(socket.timeout):
+            sock.recv(65536)                      # accepted: waiting for the body
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall((f"POST /v1/vision/face/recognize HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n"
-                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode() + head
-                     + b"\0" * 100_000)
+        _send_start(server.port, "wrong", sock)
         answer = b""
         while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
             chunk = sock.recv(65536)

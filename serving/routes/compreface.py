@@ -101,6 +101,11 @@ def _translate(exc: BaseException) -> tuple:
         return 400, 28, "No face is found in the given image"
     if code == "identity_not_found":
         return 404, 42, f"Subject {getattr(exc, 'name', '')} not found"
+    if code == "gallery_not_found":             # nothing was added to the key's gallery yet
+        args = request.view_args or {}
+        if "image" in args:
+            return 404, 44, f"Image {args['image']} not found"
+        return 404, 42, f"Subject {args.get('subject', request.args.get('subject', ''))} not found"
     if code == "identity_exists":
         return 400, 43, "Subject already exists"
     if code in CODES:
@@ -234,9 +239,10 @@ def _unit(vector, where: str) -> np.ndarray:
         v = np.asarray(vector, np.float64)
     except (TypeError, ValueError):
         v = np.zeros(0)
-    if v.shape != (opt.EMBEDDING_SIZE,) or not np.all(np.isfinite(v)) or not np.linalg.norm(v) > 0:
+    norm = np.linalg.norm(v) if v.shape == (opt.EMBEDDING_SIZE,) and np.all(np.isfinite(v)) else 0.0
+    if not (np.isfinite(norm) and norm > 0):
         raise ApiError(400, "bad_json", f"{where}: {opt.EMBEDDING_SIZE} finite numbers, not all 0, were expected")
-    return (v / np.linalg.norm(v)).astype(np.float32)
+    return (v / norm).astype(np.float32)
 
 
 def _ranked(gallery: str, probes: np.ndarray, count: int) -> list:
@@ -359,6 +365,8 @@ def _add_embedding(gallery: str, subject: str, vector: np.ndarray):
           query=PageOptions, tags=TAGS, errors=(400, 401, 404))
 def list_examples():
     options = requests.parse_query(PageOptions, request.args)
+    if options.page * options.size > opt.LIST_OFFSET.high:
+        raise ApiError(400, "bad_option", f"page {options.page} of {options.size} is beyond the last possible page")
     try:
         faces, total = _state().call("list_faces", _collection(), options.subject or None, options.size,
                                      options.page * options.size)
@@ -468,9 +476,10 @@ def recognize_embeddings():
         raise ApiError(400, "bad_option", "prediction_count should be equal or greater than 1, or -1")
     gallery = _collection()
     _check_model(gallery)
-    probes = _embeddings(requests.json_object(request), "embeddings")
+    body = requests.json_object(request)
+    probes = _embeddings(body, "embeddings")
     ranked = _ranked(gallery, probes, count)
-    return json_response({"result": [{"embedding": p, "similarities": s} for p, s in zip(probes, ranked)]})
+    return json_response({"result": [{"embedding": e, "similarities": s} for e, s in zip(body["embeddings"], ranked)]})
 
 
 @blueprint.post("/recognition/embeddings/faces/<image>/verify")
@@ -480,9 +489,10 @@ def verify_embeddings_with_example(image):
     gallery = _collection()
     _check_model(gallery)
     _, _, vector = _example(gallery, image)
-    probes = _embeddings(requests.json_object(request), "embeddings")
-    return json_response({"result": [{"embedding": p, "similarity": _similarity(np.dot(p, vector))}
-                                     for p in probes]})
+    body = requests.json_object(request)
+    probes = _embeddings(body, "embeddings")
+    return json_response({"result": [{"embedding": e, "similarity": _similarity(np.dot(p, vector))}
+                                     for e, p in zip(body["embeddings"], probes)]})
 
 
 # -- detection and verification services -----------------------------------------------------------
@@ -522,5 +532,5 @@ def verify_embeddings():
     body = requests.json_object(request)
     source = _embeddings({"source": [body.get("source")]}, "source")[0]
     targets = _embeddings(body, "targets")
-    return json_response({"result": [{"embedding": t, "similarity": _similarity(np.dot(t, source))}
-                                     for t in targets]})
+    return json_response({"result": [{"embedding": e, "similarity": _similarity(np.dot(t, source))}
+                                     for e, t in zip(body["targets"], targets)]})

@@ -146,6 +146,9 @@ def detect():
 def register():
     images = _files()
     userid = _userid()
+    limit = current().settings.max_images
+    if len(images) > limit:
+        raise ApiError(413, "too_many_images", f"{len(images)} images in one request; the limit is {limit}")
     gallery, caller = _collection(), _caller()
     _state().call("ensure_gallery", gallery, actor=caller.actor)
     enrolled, _ = enroll_photos(gallery, userid, images, EmbedQuery(faces="largest"), require=False)
@@ -160,13 +163,16 @@ def register():
           body=FORM, tags=TAGS, errors=(400, 401, 409))
 def recognize():
     threshold = _confidence(RECOGNIZE_CONFIDENCE)
-    service = current()
+    service, gallery = current(), _collection()
+    try:
+        _state().call("check_model", gallery, service.extractor.identity)    # before any embedding work
+        exists = True
+    except GalleryNotFoundError:
+        exists = False
     faces = _faces(_files(("image",))[0])
-    gallery = _collection()
     best = [[] for _ in faces]
-    if faces:
+    if faces and exists:
         try:
-            _state().call("check_model", gallery, service.extractor.identity)
             best = _state().call("identify", gallery, np.stack([f.embedding for f in faces]), 1, False,
                                  service.extractor.identity)
         except GalleryNotFoundError:

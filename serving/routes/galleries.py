@@ -264,8 +264,9 @@ def check_path_names():
     characters, so two different names would reach the same identity.
 
     Registered for the whole app and limited to paths under the prefix: a hook of the blueprint
-    alone would not run where the decoded '/' leaves a path that no route matches."""
-    if not request.path.startswith(blueprint.url_prefix + "/"):
+    alone would not run where the decoded '/' leaves a path that no route matches. CompreFace's
+    subject paths (``/api/v1/recognition/subjects/<subject>``) are checked the same way."""
+    if not request.path.startswith((blueprint.url_prefix + "/", "/api/v1/recognition/")):  # and CompreFace's
         return None
     segments, encoded = _raw_segments(request.environ)
     for segment in segments:
