@@ -5,7 +5,7 @@
 #   docker build --build-arg BAKE_WEIGHTS=huggingface -t adaface .
 # The original service's command line still works as an override:
 #   docker run -p 30035:30035 adaface gunicorn -w 3 --worker-class gevent -b 0.0.0.0:30035 --timeout 300 flask_http_server:app
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
