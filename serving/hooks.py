@@ -230,6 +230,8 @@ def install(app: Flask, service) -> None:
         started = g.get("started", time.perf_counter())
         service.metrics.observe_request(rule, method_label(request.method), response.status_code,
                                         time.perf_counter() - started, g.get("caller_label", "open"))
+        if response.status_code >= 400:
+            service.metrics.observe_error(g.get("error_code") or "http_error", response.status_code)
         if g.get("body_bytes", 0) >= LARGE_BODY_BYTES:
             response.call_on_close(_release_heap_later)
         return response

@@ -31,6 +31,8 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.forward = Histogram("adaface_forward_seconds", "time of one batched network forward",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("adaface_errors_total", "error answers by the error's code (the README's error "
+                              "table)", ["code", "status"], registry=r)
         self.queue = Gauge("adaface_queue_depth", "images admitted and not yet answered",
                            registry=r, multiprocess_mode="livesum")
 
@@ -38,6 +40,9 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.callers.labels(caller, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+    def observe_error(self, code: str, status: int) -> None:
+        self.errors.labels(code, str(status)).inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch.observe(size)

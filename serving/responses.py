@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
-from flask import Response
+from flask import Response, g, has_request_context
 
 from adaface.options import EMBEDDING_SIZE
 
@@ -21,7 +21,14 @@ def error_payload(code: str, message: str) -> dict:
 
 
 def error_response(status: int, code: str, message: str, headers=None) -> Response:
+    note_error(code)
     return json_response(error_payload(code, message), status, headers)
+
+
+def note_error(code: str) -> None:
+    """Record the error code of this request's answer (the ``adaface_errors_total`` label)."""
+    if has_request_context():
+        g.error_code = code
 
 
 def image_entry(result) -> dict:

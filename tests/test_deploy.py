@@ -160,6 +160,8 @@ def test_alerts_adapter_rules_and_dashboard_use_metrics_the_server_exports(tmp_p
     missing = {name for name in used if name not in exported}
     assert not missing, f"not exported by /metrics: {sorted(missing)}"
     # the queue depth the autoscaler reads, and the series the panels need, carry data
+    assert 'adaface_errors_total{code="not_an_image"' in body.decode() or \
+        'adaface_errors_total{code="bad_image"' in body.decode()
     assert {"adaface_queue_depth", "adaface_request_seconds_bucket", "adaface_batch_size_sum",
             "adaface_forward_seconds_bucket", "adaface_requests_total"} <= exported
 

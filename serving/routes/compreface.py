@@ -28,7 +28,7 @@ from ..access import presented_key
 from ..collection import collection, face_id, identity_names, image_id, int_box
 from ..errors import ApiError, client_error
 from ..openapi import Reply, document
-from ..responses import json_response
+from ..responses import json_response, note_error
 from ..schemas import EmbedQuery, Query
 from ..service import current
 from .galleries import _caller, _state, enroll_photos
@@ -91,6 +91,7 @@ def _translate(exc: BaseException) -> tuple:
     if known is None:
         return None
     status, code, message = known
+    note_error(code)
     if code == "unauthorized":
         if presented_key(request.headers) is None:
             return 400, 20, "Missing header: x-api-key"
@@ -120,6 +121,7 @@ def _error(exc: Exception):
     translated = _translate(exc)
     if translated is None:
         logger.exception("unhandled error")
+        note_error("internal_error")
         return json_response({"message": "Something went wrong, please try again (logged)", "code": 0}, 500)
     status, code, message = translated
     return json_response({"message": message, "code": code}, status, headers=getattr(exc, "headers", None))

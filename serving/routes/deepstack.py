@@ -28,7 +28,7 @@ from gallery.errors import GalleryNotFoundError, IdentityNotFoundError
 from ..collection import collection, identity_names, int_box
 from ..errors import ApiError, client_error
 from ..openapi import Reply, document
-from ..responses import json_response
+from ..responses import json_response, note_error
 from ..schemas import EmbedQuery, Query
 from ..service import current
 from .galleries import _caller, _state, enroll_photos
@@ -58,8 +58,10 @@ def _error(exc: Exception):
     known = client_error(exc)
     if known is None:
         logger.exception("unhandled error")
+        note_error("internal_error")
         return json_response({"success": False, "error": "error occurred on the server (logged)"}, 500)
     status, code, message = known
+    note_error(code)
     if code in MESSAGES and (code == "unauthorized" or not isinstance(exc, ApiError)):
         status, message = (401 if code == "unauthorized" else 400), MESSAGES[code]
     elif status == 403:
