@@ -7,6 +7,7 @@ document is built from. The models forbid extra fields, so an answer that gains 
 without its model fails here.
 """
 import base64
+import io
 import re
 
 import numpy as np
@@ -68,6 +69,45 @@ def _calls(face: bytes, group: bytes):
         ("DELETE", "/v1/galleries/g/identities/b", {}),
         ("DELETE", "/v1/galleries/g", {}),
         ("GET", "/v1/audit?gallery=g&limit=5", {}),
+        *_compat_calls(face, group),
+    ]
+
+
+def _file(data: bytes, name: str = "a.jpg") -> tuple:
+    return io.BytesIO(data), name
+
+
+def _compat_calls(face: bytes, group: bytes) -> list:
+    """CompreFace's and DeepStack's routes; ``{image_id}`` is the last ``image_id`` answered."""
+    cf, vector = "/api/v1/recognition", [0.05] * 512
+    return [
+        ("POST", f"{cf}/subjects", {"json": {"subject": "s"}}), ("GET", f"{cf}/subjects", {}),
+        ("POST", f"{cf}/faces?subject=s", {"data": {"file": _file(face)}}),
+        ("GET", f"{cf}/faces", {}), ("GET", f"{cf}/faces/{{image_id}}/img", {}),
+        ("POST", f"{cf}/faces/{{image_id}}/verify?face_plugins=landmarks,calculator&status=true",
+         {"data": {"file": _file(face)}}),
+        ("POST", f"{cf}/faces?subject=s", {"json": {"file": _b64(group)}}),
+        ("POST", f"{cf}/recognize?face_plugins=landmarks,calculator&status=true&prediction_count=2",
+         {"data": {"file": _file(group)}}),
+        ("POST", f"{cf}/embeddings/recognize", {"json": {"embeddings": [vector]}}),
+        ("POST", f"{cf}/embeddings/faces/{{image_id}}/verify", {"json": {"embeddings": [vector]}}),
+        ("POST", "/api/v1/detection/detect?status=true&face_plugins=landmarks", {"data": {"file": _file(group)}}),
+        ("POST", "/api/v1/verification/verify?status=true",
+         {"data": {"source_image": _file(face), "target_image": _file(group)}}),
+        ("POST", "/api/v1/verification/embeddings/verify", {"json": {"source": vector, "targets": [vector]}}),
+        ("PUT", f"{cf}/subjects/s", {"json": {"subject": "t"}}),
+        ("DELETE", f"{cf}/faces/{{image_id}}", {}),
+        ("POST", f"{cf}/faces/delete", {"json": ["{image_id}"]}),
+        ("DELETE", f"{cf}/faces?subject=t", {}),
+        ("POST", f"{cf}/subjects", {"json": {"subject": "u"}}), ("DELETE", f"{cf}/subjects/u", {}),
+        ("DELETE", f"{cf}/subjects", {}),
+        ("POST", "/v1/vision/face", {"data": {"image": _file(group)}}),
+        ("POST", "/v1/vision/face/", {"data": {"image": _file(group), "min_confidence": "0.5"}}),
+        ("POST", "/v1/vision/face/register", {"data": {"userid": "d", "image": _file(face)}}),
+        ("POST", "/v1/vision/face/recognize", {"data": {"image": _file(face)}}),
+        ("POST", "/v1/vision/face/list", {}),
+        ("POST", "/v1/vision/face/match", {"data": {"image1": _file(face), "image2": _file(group)}}),
+        ("POST", "/v1/vision/face/delete", {"data": {"userid": "d"}}),
     ]
 
 
@@ -81,9 +121,14 @@ def _declared(app, method: str, path: str):
 def test_every_answer_matches_its_declared_model(app):
     client = app.test_client()
     face, group = photo("img1_aligned.jpg"), photo("img2.jpeg")
-    seen = set()
+    seen, image_id = set(), None
     for method, path, kwargs in _calls(face, group):
+        path = path.replace("{image_id}", str(image_id))
+        if kwargs.get("json") == ["{image_id}"]:
+            kwargs = {"json": [image_id]}
         r = client.open(path, method=method, **kwargs)
+        if r.is_json and isinstance(r.get_json(), dict) and "image_id" in r.get_json():
+            image_id = r.get_json()["image_id"]
         assert 200 <= r.status_code < 300, (method, path, r.get_data(as_text=True)[:300])
         reply = _declared(app, method, path).replies[r.status_code]
         if reply.content_type == "application/json" and hasattr(reply.model, "model_validate"):

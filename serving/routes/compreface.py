@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 from flask import Blueprint, Response, request
-from pydantic import Field
+from pydantic import Field, RootModel
 from werkzeug.exceptions import HTTPException
 
 from adaface import options as opt
@@ -29,7 +29,7 @@ from ..collection import collection, face_id, identity_names, image_id, int_box
 from ..errors import ApiError, client_error
 from ..openapi import Reply, document
 from ..responses import json_response, note_error
-from ..schemas import EmbedQuery, Query
+from ..schemas import Answer, EmbedQuery, Query
 from ..service import current
 from .galleries import _caller, _state, enroll_photos
 
@@ -76,6 +76,121 @@ class PageOptions(Query):
 
 class SubjectQuery(Query):
     subject: str = ""
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+class Box(Answer):
+    probability: float = Field(description="the detector's score, 5 decimals")
+    x_max: int
+    y_max: int
+    x_min: int
+    y_min: int
+
+
+class FaceObject(Answer):
+    embedding: Optional[list[float]] = Field(None, description="with face_plugins=calculator")
+    box: Box
+    landmarks: Optional[list[list[int]]] = Field(None, description="with face_plugins=landmarks: 5 (x, y)")
+
+
+class Versions(Answer):
+    detector: str
+    calculator: str
+
+
+class SubjectScore(Answer):
+    subject: str
+    similarity: float = Field(description="cosine similarity, at least 0, 5 decimals")
+
+
+class RecognizedFace(FaceObject):
+    subjects: list[SubjectScore]
+
+
+class Recognition(Answer):
+    result: list[RecognizedFace]
+    plugins_versions: Optional[Versions] = Field(None, description="with status=true")
+
+
+class Detection(Answer):
+    result: list[FaceObject]
+    plugins_versions: Optional[Versions] = None
+
+
+class ExampleMatch(FaceObject):
+    subject: str
+    similarity: float
+
+
+class ExampleVerification(Answer):
+    result: list[ExampleMatch]
+    plugins_versions: Optional[Versions] = None
+
+
+class FaceMatch(FaceObject):
+    similarity: float
+
+
+class VerificationEntry(Answer):
+    source_image_face: FaceObject
+    face_matches: list[FaceMatch]
+    plugins_versions: Optional[Versions] = None
+
+
+class Verification(Answer):
+    result: list[VerificationEntry]
+
+
+class EmbeddingRanking(Answer):
+    embedding: list[float]
+    similarities: list[SubjectScore]
+
+
+class EmbeddingRecognition(Answer):
+    result: list[EmbeddingRanking]
+
+
+class EmbeddingScore(Answer):
+    embedding: list[float]
+    similarity: float
+
+
+class EmbeddingVerification(Answer):
+    result: list[EmbeddingScore]
+
+
+class SubjectOut(Answer):
+    subject: str
+
+
+class SubjectList(Answer):
+    subjects: list[str]
+
+
+class Updated(Answer):
+    updated: bool
+
+
+class DeletedCount(Answer):
+    deleted: int
+
+
+class Example(Answer):
+    image_id: str = Field(description="a UUID string")
+    subject: str
+
+
+class Examples(RootModel[list[Example]]):
+    pass
+
+
+class ExamplePage(Answer):
+    faces: list[Example]
+    page_number: int
+    page_size: int
+    total_pages: int
+    total_elements: int
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -270,7 +385,7 @@ def _check_model(gallery: str) -> None:
 # -- subjects --------------------------------------------------------------------------------------
 
 @blueprint.post("/recognition/subjects")
-@document("CompreFace: add a subject", {201: Reply("{\"subject\"}")}, tags=TAGS, errors=(400, 401, 404))
+@document("CompreFace: add a subject", {201: Reply("the subject", SubjectOut)}, tags=TAGS, errors=(400, 401, 404))
 def add_subject():
     name = _subject_arg(requests.json_object(request).get("subject"))
     gallery, caller = _collection(), _caller()
@@ -284,14 +399,13 @@ def add_subject():
 
 
 @blueprint.get("/recognition/subjects")
-@blueprint.get("/recognition/subjects/")
-@document("CompreFace: list subjects", {200: Reply("{\"subjects\": [names]}")}, tags=TAGS, errors=(400, 401, 404))
+@document("CompreFace: list subjects", {200: Reply("the subjects by name", SubjectList)}, tags=TAGS, errors=(400, 401, 404))
 def list_subjects():
     return json_response({"subjects": identity_names(_state(), _collection())})
 
 
 @blueprint.put("/recognition/subjects/<subject>")
-@document("CompreFace: rename a subject (into an existing one: merge)", {200: Reply("{\"updated\": bool}")},
+@document("CompreFace: rename a subject (into an existing one: merge)", {200: Reply("whether it changed", Updated)},
           tags=TAGS, errors=(400, 401, 404))
 def rename_subject(subject):
     new = requests.json_object(request).get("subject")
@@ -309,7 +423,7 @@ def rename_subject(subject):
 
 
 @blueprint.delete("/recognition/subjects/<subject>")
-@document("CompreFace: delete a subject and its examples", {200: Reply("{\"subject\"}")}, tags=TAGS,
+@document("CompreFace: delete a subject and its examples", {200: Reply("the deleted subject", SubjectOut)}, tags=TAGS,
           errors=(400, 401, 404))
 def delete_subject(subject):
     _state().call("delete_identity", _collection(), subject, actor=_caller().actor)
@@ -317,7 +431,7 @@ def delete_subject(subject):
 
 
 @blueprint.delete("/recognition/subjects")
-@document("CompreFace: delete every subject", {200: Reply("{\"deleted\": count}")}, tags=TAGS,
+@document("CompreFace: delete every subject", {200: Reply("how many subjects were deleted", DeletedCount)}, tags=TAGS,
           errors=(400, 401, 404))
 def delete_all_subjects():
     gallery = _collection()
@@ -333,7 +447,7 @@ def delete_all_subjects():
 
 @blueprint.post("/recognition/faces")
 @document("CompreFace: add a face example to a subject (an image, or an embedding)",
-          {201: Reply("{\"image_id\", \"subject\"}")}, query=AddOptions, tags=TAGS,
+          {201: Reply("the new example", Example)}, query=AddOptions, tags=TAGS,
           description="multipart part file, JSON {\"file\": base64}, or JSON {\"embedding\": [512 numbers]} (no crop "
                       "is kept for it); the largest face is stored.",
           errors=(400, 401, 404, 409, 413, 415))
@@ -362,8 +476,7 @@ def _add_embedding(gallery: str, subject: str, vector: np.ndarray):
 
 
 @blueprint.get("/recognition/faces")
-@document("CompreFace: list face examples, a page at a time", {200: Reply("faces, page_number, page_size, "
-                                                                          "total_pages, total_elements")},
+@document("CompreFace: list face examples, a page at a time", {200: Reply("a page of examples", ExamplePage)},
           query=PageOptions, tags=TAGS, errors=(400, 401, 404))
 def list_examples():
     options = requests.parse_query(PageOptions, request.args)
@@ -380,7 +493,7 @@ def list_examples():
 
 
 @blueprint.delete("/recognition/faces")
-@document("CompreFace: delete a subject's examples (and the subject)", {200: Reply("{\"deleted\": count}")},
+@document("CompreFace: delete a subject's examples (and the subject)", {200: Reply("how many examples were deleted", DeletedCount)},
           query=SubjectQuery, tags=TAGS, errors=(400, 401, 404))
 def delete_examples_of_subject():
     subject = _subject_arg(requests.parse_query(SubjectQuery, request.args).subject)
@@ -392,7 +505,7 @@ def delete_examples_of_subject():
 
 
 @blueprint.delete("/recognition/faces/<image>")
-@document("CompreFace: delete one face example", {200: Reply("{\"image_id\", \"subject\"}")}, tags=TAGS,
+@document("CompreFace: delete one face example", {200: Reply("the deleted example", Example)}, tags=TAGS,
           errors=(400, 401, 404))
 def delete_example(image):
     deleted = _delete(_collection(), [image])
@@ -403,7 +516,7 @@ def delete_example(image):
 
 @blueprint.post("/recognition/faces/delete")
 @document("CompreFace: delete several face examples (unknown ids are skipped)",
-          {200: Reply("[{\"image_id\", \"subject\"}]")}, tags=TAGS, errors=(400, 401, 404))
+          {200: Reply("the deleted examples", Examples)}, tags=TAGS, errors=(400, 401, 404))
 def delete_examples():
     ids = requests.parse_json(request)
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -435,7 +548,7 @@ def example_image(image):
 
 
 @blueprint.post("/recognition/faces/<image>/verify")
-@document("CompreFace: compare the faces of an image with one face example", {200: Reply("result")},
+@document("CompreFace: compare the faces of an image with one face example", {200: Reply("each face against the example", ExampleVerification)},
           query=FaceOptions, tags=TAGS, errors=(400, 401, 404, 409, 413, 415))
 def verify_example(image):
     options = requests.parse_query(FaceOptions, request.args)
@@ -451,7 +564,7 @@ def verify_example(image):
 # -- recognize -------------------------------------------------------------------------------------
 
 @blueprint.post("/recognition/recognize")
-@document("CompreFace: who are the faces in this image?", {200: Reply("result: box, subjects per face")},
+@document("CompreFace: who are the faces in this image?", {200: Reply("box and subjects per face", Recognition)},
           query=RecognizeOptions, tags=TAGS, errors=(400, 401, 404, 409, 413, 415))
 def recognize():
     options = requests.parse_query(RecognizeOptions, request.args)
@@ -470,7 +583,7 @@ class EmbeddingCount(Query):
 
 
 @blueprint.post("/recognition/embeddings/recognize")
-@document("CompreFace: the nearest subjects of embeddings", {200: Reply("result: embedding, similarities")},
+@document("CompreFace: the nearest subjects of embeddings", {200: Reply("the nearest subjects per embedding", EmbeddingRecognition)},
           query=EmbeddingCount, tags=TAGS, errors=(400, 401, 404, 409))
 def recognize_embeddings():
     count = requests.parse_query(EmbeddingCount, request.args).prediction_count
@@ -485,7 +598,7 @@ def recognize_embeddings():
 
 
 @blueprint.post("/recognition/embeddings/faces/<image>/verify")
-@document("CompreFace: embeddings against one face example", {200: Reply("result: embedding, similarity")},
+@document("CompreFace: embeddings against one face example", {200: Reply("similarity per embedding", EmbeddingVerification)},
           tags=TAGS, errors=(400, 401, 404, 409))
 def verify_embeddings_with_example(image):
     gallery = _collection()
@@ -500,7 +613,7 @@ def verify_embeddings_with_example(image):
 # -- detection and verification services -----------------------------------------------------------
 
 @blueprint.post("/detection/detect")
-@document("CompreFace: detect faces", {200: Reply("result: box (and landmarks, embedding) per face")},
+@document("CompreFace: detect faces", {200: Reply("the faces", Detection)},
           query=FaceOptions, tags=TAGS, errors=(400, 401, 404, 413, 415))
 def detect():
     options = requests.parse_query(FaceOptions, request.args)
@@ -510,7 +623,7 @@ def detect():
 
 @blueprint.post("/verification/verify")
 @document("CompreFace: the face of a source image against every face of a target image",
-          {200: Reply("result: source_image_face, face_matches")}, query=FaceOptions, tags=TAGS,
+          {200: Reply("the source face and each target face's similarity", Verification)}, query=FaceOptions, tags=TAGS,
           description="multipart parts source_image and target_image, or JSON with both as base64; the source's "
                       "largest face is compared.",
           errors=(400, 401, 404, 413, 415))
@@ -528,7 +641,7 @@ def verify_images():
 
 
 @blueprint.post("/verification/embeddings/verify")
-@document("CompreFace: one embedding against several", {200: Reply("result: embedding, similarity")},
+@document("CompreFace: one embedding against several", {200: Reply("similarity per target", EmbeddingVerification)},
           tags=TAGS, errors=(400, 401, 404))
 def verify_embeddings():
     body = requests.json_object(request)

@@ -29,7 +29,7 @@ from ..collection import collection, identity_names, int_box
 from ..errors import ApiError, client_error
 from ..openapi import Reply, document
 from ..responses import json_response, note_error
-from ..schemas import EmbedQuery, Query
+from ..schemas import Answer, EmbedQuery, Query
 from ..service import current
 from .galleries import _caller, _state, enroll_photos
 
@@ -45,6 +45,47 @@ MESSAGES = {"no_image": "No valid image file found", "no_face": "no face detecte
 FORM = {"multipart/form-data": {"type": "object", "properties": {
     "image": {"type": "string", "format": "binary"}, "userid": {"type": "string"},
     "min_confidence": {"type": "number"}, "api_key": {"type": "string"}}}}
+
+
+class Prediction(Answer):
+    confidence: float = Field(description="the detector's score (detect); (cosine + 1) / 2, 0 for unknown (recognize)")
+    y_min: int
+    x_min: int
+    y_max: int
+    x_max: int
+
+
+class Recognized(Prediction):
+    userid: str = Field(description='the identity, or "unknown"')
+
+
+class Detected(Answer):
+    success: bool
+    predictions: list[Prediction]
+
+
+class RecognizedFaces(Answer):
+    success: bool
+    predictions: list[Recognized]
+
+
+class Registered(Answer):
+    success: bool
+    message: str = Field(description='"face added" (a new userid) or "face updated"')
+
+
+class Listed(Answer):
+    success: bool
+    faces: list[str]
+
+
+class Done(Answer):
+    success: bool
+
+
+class Matched(Answer):
+    success: bool
+    similarity: float = Field(description="(cosine + 1) / 2")
 
 
 class Confidence(Query):
@@ -131,7 +172,7 @@ def _confidence_of(cosine: float) -> float:
 
 @blueprint.post("")
 @blueprint.post("/")
-@document("DeepStack: detect faces", {200: Reply("success, predictions: confidence, x_min, y_min, x_max, y_max")},
+@document("DeepStack: detect faces", {200: Reply("the faces", Detected)},
           body=FORM, tags=TAGS, errors=(400, 401))
 def detect():
     threshold = _confidence(DETECT_CONFIDENCE)
@@ -143,7 +184,7 @@ def detect():
 
 @blueprint.post("/register")
 @document("DeepStack: register the face of one or more images for a userid",
-          {200: Reply("success, message: face added (new userid) or face updated")}, body=FORM, tags=TAGS,
+          {200: Reply("registered", Registered)}, body=FORM, tags=TAGS,
           errors=(400, 401, 409))
 def register():
     images = _files()
@@ -161,7 +202,7 @@ def register():
 
 @blueprint.post("/recognize")
 @document("DeepStack: who are the faces in this image?",
-          {200: Reply("success, predictions: userid (\"unknown\" below the thresholds), confidence, box")},
+          {200: Reply("userid (\"unknown\" below the thresholds), confidence, box per face", RecognizedFaces)},
           body=FORM, tags=TAGS, errors=(400, 401, 409))
 def recognize():
     threshold = _confidence(RECOGNIZE_CONFIDENCE)
@@ -190,14 +231,14 @@ def recognize():
 
 
 @blueprint.post("/list")
-@document("DeepStack: the registered userids", {200: Reply("success, faces: userids")}, tags=TAGS, errors=(401,))
+@document("DeepStack: the registered userids", {200: Reply("the userids", Listed)}, tags=TAGS, errors=(401,))
 def list_faces():
     return json_response({"success": True, "faces": identity_names(_state(), _collection())})
 
 
 @blueprint.post("/delete")
 @document("DeepStack: delete a userid and its faces (success also when it did not exist)",
-          {200: Reply("success")}, body=FORM, tags=TAGS, errors=(400, 401))
+          {200: Reply("deleted", Done)}, body=FORM, tags=TAGS, errors=(400, 401))
 def delete():
     userid = _userid()
     try:
@@ -209,7 +250,7 @@ def delete():
 
 @blueprint.post("/match")
 @document("DeepStack: are the faces of two images the same person?",
-          {200: Reply("success, similarity: (cosine + 1) / 2 of their largest faces")}, body=FORM, tags=TAGS,
+          {200: Reply("(cosine + 1) / 2 of their largest faces", Matched)}, body=FORM, tags=TAGS,
           errors=(400, 401))
 def match():
     images = _files()
