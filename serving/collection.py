@@ -44,6 +44,16 @@ def face_id(image: str):
     return int(match.group(1) + match.group(2), 16) if match else None
 
 
+def largest_first(faces) -> list:
+    """Faces sorted by box area, largest first (a face without a box, an aligned crop, first)."""
+    def area(face) -> float:
+        if face.box is None:
+            return float("inf")
+        x1, y1, x2, y2 = np.asarray(face.box, np.float64).reshape(-1)[:4]
+        return float((x2 - x1) * (y2 - y1))
+    return sorted(faces, key=lambda f: -area(f))
+
+
 def int_box(face, width: int = 112, height: int = 112) -> tuple:
     """``(x_min, y_min, x_max, y_max)`` as integer pixels (rounded, at least 0) of a face's box;
     a face taken as an aligned crop has no box and gets the whole ``width`` × ``height`` image."""

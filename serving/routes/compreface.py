@@ -25,7 +25,7 @@ from gallery.errors import GalleryNotFoundError, IdentityExistsError, IdentityNo
 
 from .. import requests
 from ..access import presented_key
-from ..collection import collection, face_id, identity_names, image_id, int_box
+from ..collection import collection, face_id, identity_names, image_id, int_box, largest_first
 from ..errors import ApiError, client_error
 from ..openapi import Reply, document
 from ..responses import json_response, note_error
@@ -280,16 +280,9 @@ def _faces(data, options, detect: bool = True, all_faces: bool = True) -> tuple:
         faces = [f for f in faces if f.score is None or f.score >= threshold]
     if not faces:
         raise NoFaceError()
-    faces = sorted(faces, key=lambda f: -_area(f))
+    faces = largest_first(faces)
     limit = getattr(options, "limit", 0)
     return (faces[:limit] if limit else faces), result.width, result.height
-
-
-def _area(face) -> float:
-    if face.box is None:
-        return math.inf
-    x1, y1, x2, y2 = np.asarray(face.box, np.float64)[:4]
-    return float((x2 - x1) * (y2 - y1))
 
 
 def _similarity(value: float) -> float:

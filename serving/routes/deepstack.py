@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 from adaface.errors import NoFaceError
 from gallery.errors import GalleryNotFoundError, IdentityNotFoundError
 
-from ..collection import collection, identity_names, int_box
+from ..collection import collection, identity_names, int_box, largest_first
 from ..errors import ApiError, client_error
 from ..openapi import Reply, document
 from ..responses import json_response, note_error
@@ -151,12 +151,7 @@ def _faces(data) -> list:
     result = current().embed([data], EmbedQuery(faces="all"))[0]
     if result.error is not None:
         raise result.error
-    return sorted(result.faces, key=lambda f: -_area(f))
-
-
-def _area(face) -> float:
-    x1, y1, x2, y2 = int_box(face)
-    return float((x2 - x1) * (y2 - y1))
+    return largest_first(result.faces)
 
 
 def _box(face) -> dict:
