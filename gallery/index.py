@@ -196,6 +196,9 @@ class SearchIndex:
     def _remove(self, face_ids: np.ndarray) -> None:
         if len(face_ids) == 0 or len(self._members) == 0:
             return
+        face_ids = face_ids[self._members.positions(face_ids) >= 0]    # a delta also names new faces
+        if len(face_ids) == 0:
+            return
         self._members.remove(face_ids)
         self._identity_count = None
         if self._own is not None:

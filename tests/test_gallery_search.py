@@ -248,6 +248,44 @@ def test_changes_made_while_the_graph_is_built_are_kept(monkeypatch):
         assert index.search(vector[None], 1)[0][0].face_id == face_id
 
 
+def test_every_face_of_a_small_graph_is_reachable():
+    """Parallel insertion into a small usearch graph leaves some faces where no walk reaches
+    them (about 0.5% of 300 random faces); the graph adds its first faces with one thread."""
+    missed = 0
+    for seed in range(20):
+        faces = unit_vectors(300, seed=100 + seed)
+        graph = Graph(SearchParams(ann_min_faces=1))
+        graph.add(np.arange(1, 301), faces)
+        found = graph.search(faces, 10, 128)
+        missed += sum(face_id not in row for face_id, row in zip(range(1, 301), found))
+    assert missed == 0
+
+
+def test_a_delta_naming_new_faces_during_a_build_removes_nothing_from_the_graph(monkeypatch):
+    """A delta's ``touched`` lists the faces it adds too; while a graph is built, only faces the
+    index held count as removed, so the swap does not take new faces out of the graph and put
+    them back (usearch re-inserts a removed key less well)."""
+    faces = unit_vectors(230, seed=13)
+    index = SearchIndex(1, params=graph_params(200))
+    removed, pending = [], [Rows(2, np.arange(201, 231), np.arange(201, 231), faces[200:],
+                                 touched=np.arange(201, 231))]
+
+    class Watched(Graph):
+        def add(self, ids, vectors):
+            super().add(ids, vectors)
+            if pending:
+                index.apply(pending.pop())
+
+        def remove(self, ids):
+            removed.extend(np.asarray(ids).tolist())
+            super().remove(ids)
+
+    monkeypatch.setattr(index_module, "Graph", Watched)
+    index.load(Rows(1, np.arange(1, 201), np.arange(1, 201), faces[:200]))
+    assert index.wait_built(60) and index.kind == "hnsw" and not pending
+    assert removed == [] and index.graph.holds(np.arange(1, 231)).all() and len(index.graph) == 230
+
+
 def test_the_threshold_is_a_setting_the_server_passes_on(tmp_path):
     assert Settings.from_env({}).ann_min_faces == 200_000
     assert Settings.from_env({"ADAFACE_ANN_MIN_FACES": "1000"}).ann_min_faces == 1000
