@@ -196,8 +196,9 @@ _NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_w
                  "onednn_cache", "ann_min_faces")
 _POSITIVE = ("max_body_bytes", "max_images", "max_queue", "workers", "timeout", "pixel_budget", "large_image",
              "body_timeout")
-#: ADAFACE_* variables that are not settings but are read by tools (the tests' data folder)
-OTHER_VARIABLES = {PREFIX + "TEST_DATA"}
+#: ADAFACE_* variables that are not settings but are read by the tests (their data folder, the
+#: browser of the console's tests, where their screenshots go)
+OTHER_VARIABLES = {PREFIX + "TEST_DATA", PREFIX + "CHROMIUM", PREFIX + "TEST_ARTIFACTS"}
 
 
 def _variable(name: str) -> str:

@@ -27,7 +27,8 @@ from .keys import ALL_SCOPES, Key, KeyRing
 from .rates import Rate, RateLimiter, retry_after
 
 #: endpoints anyone may call (no key, no scope)
-OPEN_ENDPOINTS = frozenset({"ops.index", "ops.livez", "ops.readyz", "ops.metrics", "ops.openapi", "static"})
+OPEN_ENDPOINTS = frozenset({"ops.index", "ops.livez", "ops.readyz", "ops.metrics", "ops.openapi", "static",
+                            "console.console_page", "console.console_asset"})
 #: the scope each endpoint needs
 SCOPE_OF = {
     **{f"compat.{name}": "embed" for name in ("b64_represent_json", "b64_represent_byte", "byte_represent_json",

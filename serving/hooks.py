@@ -29,6 +29,8 @@ from .requests import BODY_KEY, JSON_KEY
 OPEN_ROUTES = {"/", "/livez", "/readyz", "/metrics", "/openapi.json"}
 #: routes that answer before the model is ready (with a key, when keys are set)
 BEFORE_READY = OPEN_ROUTES | {"/info"}
+#: the web console's pages and files (serving/routes/console.py) also load before the model is ready
+CONSOLE_PREFIX = "/ui"
 #: methods whose body is read up front; others are labelled as they are in the metrics
 BODY_METHODS = ("POST", "PUT", "PATCH")
 #: the methods the metrics label by name; any other is ``other`` (a made-up method must not
@@ -221,7 +223,7 @@ def install(app: Flask, service) -> None:
             return
         if request.method in BODY_METHODS and _has_body(request.environ):
             g.body_bytes = read_body(request.environ, settings.max_body_bytes, settings.body_timeout)
-        if request.path not in BEFORE_READY and not service.ready:
+        if not service.ready and request.path not in BEFORE_READY and not _is_console(request.path):
             raise ApiError(503, "not_ready", service.not_ready_reason, headers={"Retry-After": "2"})
 
     @app.after_request
@@ -242,3 +244,7 @@ def install(app: Flask, service) -> None:
             request.environ["wsgi.input"] = io.BytesIO()  # the body goes with the request
             request.environ.pop(BODY_KEY, None)
             request.environ.pop(JSON_KEY, None)
+
+
+def _is_console(path: str) -> bool:
+    return path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + "/")

@@ -49,6 +49,11 @@ class EmbedQuery(Query):
     min_face_size: Optional[int] = _bounded(opt.MIN_FACE_SIZE, int, "smallest face to detect, in pixels")
 
 
+class EmbedCropQuery(EmbedQuery):
+    crops: bool = Field(False, description="also each face's aligned 112×112 crop (what was embedded), as "
+                                           "base64 PNG in `crop` (about 20 KB per face; JSON answers only)")
+
+
 class ThresholdQuery(Query):
     threshold: Optional[float] = Field(None, ge=opt.SIMILARITY.low, le=opt.SIMILARITY.high, allow_inf_nan=False,
                                        description="cosine similarity at or above which it is the same person "
@@ -98,6 +103,7 @@ class Face(Answer):
     score: Optional[float] = Field(description="the detector's confidence; null for an aligned crop")
     landmarks: Optional[list[Vector]] = Field(
         description="5 (x, y): left eye, right eye, nose, left and right mouth corner")
+    crop: Optional[str] = Field(None, description="with ?crops=true: the aligned 112×112 RGB crop as base64 PNG")
 
 
 class ImageResult(Answer):

@@ -279,6 +279,24 @@ def test_embed_align_modes(client, extractor):
     assert r.status_code == 200 and "X-Face-Box" not in r.headers
 
 
+def test_embed_crops_are_what_the_network_embedded(client):
+    """crops=true: each face's aligned 112x112 crop as base64 PNG; embedding that crop again (as an
+    aligned input) gives the same embedding. Without it no crop is sent."""
+    every = client.post("/v1/embed?faces=all&crops=true", data=two_faces()).get_json()["faces"]
+    assert len(every) == 2
+    for face in every:
+        crop = base64.b64decode(face["crop"], validate=True)
+        assert crop[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Image.open(io.BytesIO(crop)).size == (112, 112)
+        [again] = client.post("/v1/embed?align=never", data=crop).get_json()["faces"]
+        assert float(np.dot(again["embedding"], face["embedding"])) > 0.9999
+    assert every[0]["crop"] != every[1]["crop"]
+    assert "crop" not in client.post("/v1/embed?faces=all", data=two_faces()).get_json()["faces"][0]
+    batch = client.post("/v1/embed?crops=true", json={"images": [b64(photo("img1.jpeg")), "!!"]}).get_json()
+    assert batch["results"][0]["faces"][0]["crop"] and "error" in batch["results"][1]
+    check_error(client.post("/v1/embed?crops=maybe", data=photo("img1.jpeg")), 400, "bad_option")
+
+
 def test_embed_octet_stream_packs_every_face(client):
     images = [b64(photo("img1.jpeg")), "!!", b64(two_faces())]
     as_json = client.post("/v1/embed?faces=all", json={"images": images}).get_json()["results"]
@@ -578,6 +596,8 @@ def test_auth_matrix(auth_app):
             r = client.open(url, method=method, headers=headers, data=b"")
             if rule in OPEN_ROUTES:
                 assert r.status_code == 200, (rule, headers)
+            elif rule.startswith("/ui/"):                # the console's files are open (no such file: 404)
+                assert r.status_code == (200 if url == "/ui/" else 404), (rule, headers)
             elif rule.startswith("/api/v1/"):            # CompreFace's answers (tests/test_compat_clients.py)
                 from serving.access import presented_key
                 keyless = presented_key(headers) is None

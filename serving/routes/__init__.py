@@ -13,7 +13,7 @@ Adding a route: a view in its group's module, its scope in :data:`serving.access
 ``get``...) and :func:`serving.openapi.document` (summary, query model, body, answers, error
 statuses); answer models sit beside the views (shared ones in :mod:`serving.schemas`).
 """
-from . import audit, compat, compreface, deepstack, embed, galleries, ops
+from . import audit, compat, compreface, console, deepstack, embed, galleries, ops
 
 BLUEPRINTS = (compat.blueprint, embed.blueprint, galleries.blueprint, ops.blueprint, audit.blueprint,
-              compreface.blueprint, deepstack.blueprint)
+              compreface.blueprint, deepstack.blueprint, console.blueprint)

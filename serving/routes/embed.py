@@ -2,17 +2,20 @@
 same person?)."""
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 from flask import Blueprint, Response, request
 
 from adaface.options import EMBEDDING_SIZE
+from gallery.reembed import crop_png
 
 from .. import requests
 from ..errors import ApiError, client_error, entry_or_error
 from ..openapi import Reply, document
 from ..responses import OCTET, image_entry, json_response, packed_embeddings
 from ..schemas import (BASE64_IMAGE, EMBEDDING_HEADERS, FILES, FLOAT32_BYTES, RAW_IMAGE, EmbedAnswer,
-                       EmbedQuery, EmbedRequest, Verification, VerifyQuery, VerifyRequest)
+                       EmbedCropQuery, EmbedRequest, Verification, VerifyQuery, VerifyRequest)
 from ..service import current
 
 blueprint = Blueprint("embed", __name__)
@@ -41,22 +44,32 @@ def _packed(service, results: list) -> Response:
                       headers=EMBEDDING_HEADERS)},
           description="One image: raw or base64 body, JSON {\"image\"}, or one multipart file. A batch: JSON "
                       "{\"images\": [...]} or several multipart files; a bad image is an error entry.",
-          query=EmbedQuery, errors=ERRORS,
+          query=EmbedCropQuery, errors=ERRORS,
           body={OCTET: RAW_IMAGE, "text/plain": BASE64_IMAGE, "application/json": EmbedRequest,
                 "multipart/form-data": FILES})
 def embed():
     service = current()
     inputs, batch = requests.image_inputs(request, service.settings.max_images)
-    results = service.embed(inputs, requests.parse_query(EmbedQuery, request.args))
+    query = requests.parse_query(EmbedCropQuery, request.args)
+    results = service.embed(inputs, query)
     if not batch:
         results[0].require_faces()
     if _wants_bytes():
         return _packed(service, results)
     head = {"model": service.model, "dim": EMBEDDING_SIZE}
     if batch:
-        return json_response({**head, "results": [entry_or_error(r) for r in results]},
-                             headers=service.embedding_headers())
-    return json_response({**head, **image_entry(results[0])}, headers=service.embedding_headers(results[0].faces[0]))
+        entries = [_with_crops(entry_or_error(r), r, query.crops) for r in results]
+        return json_response({**head, "results": entries}, headers=service.embedding_headers())
+    return json_response({**head, **_with_crops(image_entry(results[0]), results[0], query.crops)},
+                         headers=service.embedding_headers(results[0].faces[0]))
+
+
+def _with_crops(entry: dict, result, crops: bool) -> dict:
+    """``entry`` with each face's aligned crop as base64 PNG under ``crop`` when ``crops``."""
+    if crops and "faces" in entry:
+        for face, out in zip(result.faces, entry["faces"]):
+            out["crop"] = None if face.crop is None else base64.b64encode(crop_png(face.crop)).decode("ascii")
+    return entry
 
 
 @blueprint.post("/v1/verify")

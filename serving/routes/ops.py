@@ -5,7 +5,7 @@ import platform
 from typing import Literal, Optional
 
 import torch
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, redirect, request
 from pydantic import Field
 
 from ..errors import error_response
@@ -94,9 +94,12 @@ def _versions() -> dict:
 
 
 @blueprint.get("/")
-@document("Service index", {200: Reply("name, model and where this description is", Index)})
+@document("Service index", {200: Reply("name, model and where this description is", Index)},
+          description="A browser (Accept preferring text/html) is sent to the web console at /ui/ (303).")
 def index():
     service = current()
+    if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+        return redirect("/ui/", code=303)       # a browser: the console; API clients keep the JSON
     return json_response({"service": "adaface", "model": service.model, "openapi": "/openapi.json"})
 
 
@@ -112,7 +115,8 @@ def livez():
 def readyz():
     service = current()
     if service.ready:
-        return json_response({"status": "ready", "model": service.model})
+        weights = {"X-AdaFace-Weights": "synthetic"} if service.extractor.synthetic else {}
+        return json_response({"status": "ready", "model": service.model}, headers=weights)
     return error_response(503, "not_ready", service.not_ready_reason, {"Retry-After": "2"})
 
 
