@@ -59,7 +59,8 @@ class AdaFaceFeature(Extractor):
         params = DetectorParams(min_face_size=s.min_face_size, max_side=s.detect_max_side or None)
         return cls(weights, arch=s.arch or None, device=s.device, detector_params=params,
                    max_faces=s.max_faces, max_pixels=s.max_pixels, max_batch=s.max_batch or None,
-                   backend=s.backend, cache_dir=s.cache_path())
+                   backend=s.backend, cache_dir=s.cache_path(), precision=s.precision,
+                   calibration=s.calibration_path(), int8_min_cosine=s.int8_min_cosine)
 
 
 def _load_extractor(**overrides) -> AdaFaceFeature:

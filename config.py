@@ -55,6 +55,9 @@ class Settings:
     threads: int = 0                        # torch intra-op threads per worker; 0: cores / workers
     backend: str = opt.DEFAULT_BACKEND      # auto | torch | onnx (auto: ONNX Runtime on CPU, torch on CUDA)
     cache_dir: str = "data/cache"           # exported ONNX graphs when the weights' folder is read-only
+    precision: str = opt.DEFAULT_PRECISION  # fp32 | int8 (int8: the quantized graph, if it passes the gate)
+    calibration_dir: str = "pretrained/calibration"  # face images int8 is calibrated and gated on
+    int8_min_cosine: float = opt.DEFAULT_INT8_MIN_COSINE  # the gate: lowest cosine int8 to fp32 accepted
     # detection and alignment
     align: str = opt.DEFAULT_ALIGN          # auto | always | never
     faces: str = opt.DEFAULT_FACES          # largest | score | all
@@ -168,6 +171,11 @@ class Settings:
         path = Path(self.cache_dir).expanduser()
         return path if path.is_absolute() else REPO_DIR / path
 
+    def calibration_path(self) -> Path:
+        """``calibration_dir``, a relative path taken from the repository folder."""
+        path = Path(self.calibration_dir).expanduser()
+        return path if path.is_absolute() else REPO_DIR / path
+
     def api_key_lines(self) -> list:
         """The configured keys as (where, line) pairs: each of ``api_keys`` (a bare key, or
         ``sha256:<hex>``), then each line of ``api_keys_file`` (comments and blank lines too; the
@@ -188,10 +196,12 @@ class Settings:
         return path if path.is_absolute() else REPO_DIR / path
 
 
-_CHOICES = {"faces": opt.FACE_MODES, "align": opt.ALIGN_MODES, "backend": opt.BACKENDS}
+_CHOICES = {"faces": opt.FACE_MODES, "align": opt.ALIGN_MODES, "backend": opt.BACKENDS,
+            "precision": opt.PRECISIONS}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _BOUNDS = {"max_faces": opt.MAX_FACES, "min_face_size": opt.MIN_FACE_SIZE, "max_pixels": opt.PIXEL_CEILING,
-           "verify_threshold": opt.SIMILARITY, "identify_threshold": opt.SIMILARITY}
+           "verify_threshold": opt.SIMILARITY, "identify_threshold": opt.SIMILARITY,
+           "int8_min_cosine": opt.GATE_COSINE}
 _NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_wait_ms", "malloc_arenas",
                  "onednn_cache", "ann_min_faces")
 _POSITIVE = ("max_body_bytes", "max_images", "max_queue", "workers", "timeout", "pixel_budget", "large_image",

@@ -14,9 +14,11 @@ import torch
 import net
 
 from .backends import make_backend
+from .backends.int8 import Int8Report, int8_backend
+from .calibration_set import MIN_CROPS
 from .device import resolve_device
 from .identity import ModelIdentity
-from .options import DEFAULT_BACKEND, DEFAULT_DEVICE, EMBEDDING_SIZE, SYNTHETIC
+from .options import DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_INT8_MIN_COSINE, EMBEDDING_SIZE, SYNTHETIC
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,32 @@ class Model:
                                     torch.get_num_threads())
         if self.backend.name != "torch":
             self.backbone = None  # the backend holds its own copy of the weights
+        self.precision = "fp32"
+        self.int8: Int8Report | None = None   # what became of a request for int8 (None: not asked)
+
+    def use_int8(self, digest: str, make_crops, min_cosine: float = DEFAULT_INT8_MIN_COSINE,
+                 min_crops: int = MIN_CROPS, source: str = "the calibration set") -> Int8Report:
+        """Serve the int8 graph if it passes the gate (:mod:`adaface.backends.int8`); else keep fp32.
+
+        ``digest`` names the calibration set; ``make_crops()`` gives its N×112×112×3 uint8 RGB
+        crops, and is called only when no earlier start calibrated on that set. The report says
+        what happened, and is kept as ``self.int8``.
+        """
+        if self.backend.name != "onnx":
+            report = Int8Report(False, f"int8 runs on the onnx backend (CPU); this model runs on {self.backend.name}",
+                                min_cosine)
+        else:
+            def inputs():
+                return crops_to_tensor(make_crops(), torch.device("cpu")).numpy()
+            backend, report = int8_backend(self.backend, digest, inputs, min_cosine, torch.get_num_threads(),
+                                           min_crops, source)
+            if backend is not None:
+                self.backend, self.precision = backend, "int8"
+        log = logger.info if report.served else logger.warning
+        log("int8 %s: %s%s", "served" if report.served else "refused, serving fp32", report.reason,
+            " (gate result of an earlier start)" if report.cached else "")
+        self.int8 = report
+        return report
 
     @torch.inference_mode()
     def forward(self, crops: np.ndarray) -> tuple:
@@ -77,4 +105,5 @@ class Model:
         return {"arch": self.arch, "weights": SYNTHETIC if self.synthetic else str(self.weights_path),
                 "weights_sha256": self.weights_sha256, "weights_fingerprint": self.identity.fingerprint,
                 "synthetic": self.synthetic,
-                "device": str(self.device), "backend": self.backend.name, "embedding_size": EMBEDDING_SIZE}
+                "device": str(self.device), "backend": self.backend.name, "embedding_size": EMBEDDING_SIZE,
+                "precision": self.precision, "int8": None if self.int8 is None else self.int8.as_dict()}

@@ -22,6 +22,9 @@ FACE_MODES = ("largest", "score", "all")
 ALIGN_MODES = ("auto", "always", "never")
 #: auto: ONNX Runtime on CPU, PyTorch on CUDA
 BACKENDS = ("auto", "torch", "onnx")
+#: fp32: the exported graph as it is; int8: its statically quantized copy, served only when it
+#: passes the accuracy gate (adaface/backends/int8.py), on the onnx backend
+PRECISIONS = ("fp32", "int8")
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 #: the device names :func:`adaface.device.resolve_device` takes (case-insensitive)
 DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
@@ -56,6 +59,7 @@ MAX_FACES = Bound(1, 1000)              # faces per image with faces=all
 #: pyramid level is the photo enlarged, and detection costs grow as (12 / min_face_size)²
 MIN_FACE_SIZE = Bound(12, 10_000)
 SIMILARITY = Bound(-1.0, 1.0)           # a cosine-similarity threshold
+GATE_COSINE = Bound(0.0, 1.0)           # the int8 gate's lowest accepted cosine to fp32
 TOP_K = Bound(1, 100)                   # identify candidates per face
 LIST_LIMIT = Bound(1, 1000)             # rows per page of a listing
 LIST_OFFSET = Bound(0, 2 ** 62)         # rows skipped; below SQLite's signed 64-bit integers
@@ -63,6 +67,10 @@ LIST_OFFSET = Bound(0, 2 ** 62)         # rows skipped; below SQLite's signed 64
 DEFAULT_FACES = "largest"
 DEFAULT_ALIGN = "auto"
 DEFAULT_BACKEND = "auto"
+DEFAULT_PRECISION = "fp32"
+#: the int8 graph is served only when every calibration crop's embedding has at least this cosine
+#: to its fp32 embedding
+DEFAULT_INT8_MIN_COSINE = 0.995
 DEFAULT_DEVICE = "auto"
 DEFAULT_MAX_FACES = 20
 DEFAULT_MIN_FACE_SIZE = 20.0            # the reference's value

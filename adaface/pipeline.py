@@ -21,12 +21,14 @@ import numpy as np
 
 from face_alignment import MTCNN, AlignmentError, DetectorParams, align
 
+from .calibration_set import MAX_CROPS, CalibrationSet
 from .decode import decode_any, decode_image
 from .errors import NotAlignedError, code_of
 from .faces import FaceCrop, ImageFaces, PreparedImage
 from .model import Model
-from .options import (CROP_SIZE, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_MAX_FACES, EMBEDDING_SIZE, MAX_PIXELS,
-                      SYNTHETIC, EmbedOptions, default_max_batch)
+from .options import (CROP_SIZE, DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_INT8_MIN_COSINE, DEFAULT_MAX_FACES,
+                      DEFAULT_PRECISION, EMBEDDING_SIZE, MAX_PIXELS, PRECISIONS, SYNTHETIC, EmbedOptions, choice,
+                      default_max_batch)
 
 #: ``forward(crops) -> (embeddings, norms)``
 Forward = Callable[[np.ndarray], tuple]
@@ -71,17 +73,41 @@ class Extractor:
     :class:`adaface.model.Model`; ``max_faces`` and ``max_pixels`` are the defaults of
     :meth:`prepare`; ``max_batch`` is the most faces in one forward (default by device,
     :func:`adaface.options.default_max_batch`).
+
+    ``precision="int8"`` asks for the quantized graph, calibrated on the images of the folder
+    ``calibration`` (:mod:`adaface.calibration_set`) and served only when its lowest cosine to
+    fp32 on them is at least ``int8_min_cosine``; otherwise fp32 is served, and
+    ``model.int8`` says why.
     """
 
     def __init__(self, weights: str | Path = SYNTHETIC, arch: str | None = None, device: str = DEFAULT_DEVICE,
                  detector_params: DetectorParams = DetectorParams(), max_faces: int = DEFAULT_MAX_FACES,
                  max_pixels: int = MAX_PIXELS, max_batch: int | None = None, backend: str = DEFAULT_BACKEND,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, precision: str = DEFAULT_PRECISION,
+                 calibration: str | Path | None = None, int8_min_cosine: float = DEFAULT_INT8_MIN_COSINE):
+        choice("precision", precision, PRECISIONS)
         self.model = Model(weights, arch=arch, device=device, backend=backend, cache_dir=cache_dir)
         self.detector = MTCNN(self.model.device, detector_params)
         self.max_faces = max_faces
         self.max_pixels = max_pixels
         self.max_batch = max_batch or default_max_batch(self.model.device.type)
+        if precision == "int8":
+            images = CalibrationSet.from_folder(calibration)
+            self.model.use_int8(images.digest, lambda: self.calibration_crops(images), int8_min_cosine,
+                                source=images.describe())
+
+    def calibration_crops(self, images: CalibrationSet) -> np.ndarray:
+        """Every face crop of a calibration set, at most :data:`MAX_CROPS`: N×112×112×3 uint8 RGB.
+        A 112×112 image is one crop; a photo gives each face the detector finds; an image that
+        cannot be read or has no face gives none."""
+        crops = []
+        for path in images.files:
+            prepared = self.try_prepare(path.read_bytes(), faces="all")
+            if not isinstance(prepared, Exception):
+                crops += [c.crop for c in prepared.crops]
+            if len(crops) >= MAX_CROPS:
+                break
+        return np.stack(crops[:MAX_CROPS]) if crops else np.zeros((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)
 
     # what callers read of the model
     device = property(lambda self: self.model.device)

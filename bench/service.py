@@ -1,6 +1,7 @@
 """End-to-end service benchmark: the real gunicorn server under concurrent clients, on loopback.
 
     python bench/service.py [--clients 1,8] [--seconds 45] [--arch ir_101] [--soak 2000]
+    python bench/service.py --precision int8 [--calibration ../shared/facedata]
 
 Per run:
 1. the raw model figure, measured first in the same run (``bench/model.py --json``): the best
@@ -12,6 +13,9 @@ Per run:
    ``/livez`` every 100 ms; reports throughput, p50/p99 latency, errors, /livez p99, and the peak
    RSS of all server processes (sampled every 0.25 s);
 4. with ``--soak N``: N more requests from 8 clients, RSS after the first 10% vs at the end.
+With ``--precision int8`` the server runs the int8 graph (``ADAFACE_PRECISION``, calibrated on
+``--calibration``), and the raw figures of both precisions are measured first: the ratios are to
+the raw int8 figures, and the throughput is also given as a ratio to the raw fp32 best.
 With ``--photos DIR`` the bodies are the photos in DIR instead (MTCNN detection in every
 request; the ratios to the raw model then say little, the latencies, /livez and RSS still do).
 Everything stays on loopback and stops by itself.
@@ -160,6 +164,7 @@ def rss_mb(pids) -> float:
 
 class Server:
     def __init__(self, arch, workers, threads, backend, env=None):
+        """``env``: more variables for the server (``ADAFACE_PRECISION``...)."""
         self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="adaface-bench-")
         env = {**os.environ, "ADAFACE_WEIGHTS": "synthetic", "ADAFACE_ARCH": arch,
@@ -233,9 +238,11 @@ def run_load(server, clients, seconds, limit=0, photos=None):
             "peak_rss_mb": peak, "rss_series": rss_series}
 
 
-def raw_model(arch, threads, seconds):
+def raw_model(arch, threads, seconds, precision="fp32", calibration=None):
     cmd = [sys.executable, str(REPO / "bench" / "model.py"), "--json", "--arch", arch,
            "--batches", "1,4,8", "--seconds", str(seconds)]
+    if precision == "int8":
+        cmd += ["--backends", "onnx", "--precision", "fp32,int8", "--calibration", calibration]
     if threads:
         cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
@@ -254,31 +261,40 @@ def main(argv=None) -> int:
     parser.add_argument("--raw-seconds", type=float, default=8)
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--photos", help="send the JPEG photos in this folder instead of aligned crops")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "int8"), help="ADAFACE_PRECISION")
+    parser.add_argument("--calibration", default=str(SHARED / "facedata"), help="ADAFACE_CALIBRATION_DIR for int8")
     args = parser.parse_args(argv)
 
     print(f"machine: {os.cpu_count()} cores; arch {args.arch}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     raw = None
     if not args.skip_raw:
-        raw = raw_model(args.arch, args.threads, args.raw_seconds)
+        raw = raw_model(args.arch, args.threads, args.raw_seconds, args.precision, args.calibration)
         for r in raw["results"]:
-            print(f"raw {r['backend']:6} batch {r['batch']}: {r['faces_per_s']:.2f} faces/s, "
+            print(f"raw {r['backend']:6} {r['precision']} batch {r['batch']}: {r['faces_per_s']:.2f} faces/s, "
                   f"{r['ms_per_forward']:.0f} ms/forward", flush=True)
         print(f"raw best: {raw['best']['faces_per_s']:.2f} faces/s ({raw['best']['backend']} batch {raw['best']['batch']})")
-    server = Server(args.arch, args.workers, args.threads, args.backend)
+        if "best_int8" in raw:
+            print(f"raw best int8: {raw['best_int8']['faces_per_s']:.2f} faces/s (batch {raw['best_int8']['batch']}, "
+                  f"{raw['int8_ratio']:.2f}x the fp32 best)")
+    env = {"ADAFACE_PRECISION": args.precision, "ADAFACE_CALIBRATION_DIR": args.calibration}
+    server = Server(args.arch, args.workers, args.threads, args.backend, env)
     try:
         server.wait_ready()
         info = server.info()
-        print(f"server: backend {info['backend']}, {info['threads']} threads, workers {args.workers}, "
-              f"max_batch {info['batching']['max_batch']}", flush=True)
+        print(f"server: backend {info['backend']}, precision {info['precision']}, {info['threads']} threads, "
+              f"workers {args.workers}, max_batch {info['batching']['max_batch']}", flush=True)
         for clients in (int(c) for c in args.clients.split(",")):
             s = run_load(server, clients, args.seconds, photos=args.photos)
             line = (f"{clients} clients: {s['throughput']:.2f} emb/s, p50 {s['p50']:.2f} s, p99 {s['p99']:.2f} s, "
                     f"errors {s['errors']}/{s['requests']}, /livez p99 {s['livez_p99_ms']:.0f} ms "
                     f"(max {s['livez_max_ms']:.0f}), peak RSS {s['peak_rss_mb']:.0f} MB")
             if raw:
-                best = raw["best"]["faces_per_s"]
-                served = [r for r in raw["results"] if r["backend"] == info["backend"] and r["batch"] == 1]
+                best = raw["best_int8" if info["precision"] == "int8" else "best"]["faces_per_s"]
+                served = [r for r in raw["results"] if r["backend"] == info["backend"] and r["batch"] == 1
+                          and r["precision"] == info["precision"]]
                 line += f"; throughput / raw best = {s['throughput'] / best:.2f}"
+                if info["precision"] == "int8":
+                    line += f" (/ raw fp32 best = {s['throughput'] / raw['best']['faces_per_s']:.2f})"
                 if served:
                     line += f"; p50 / raw batch-1 forward = {s['p50'] / (served[0]['ms_per_forward'] / 1000):.2f}"
             print(line, flush=True)

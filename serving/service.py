@@ -31,6 +31,8 @@ class Service:
         self.settings = settings
         self.extractor = extractor
         self.metrics = Metrics(metrics_dir)
+        int8 = extractor.model.int8
+        self.metrics.model_precision(extractor.model.precision, None if int8 is None else int8.min_cosine)
         self.runner = InferenceRunner(extractor, settings, self.metrics)
         self.access = make_access(settings)
         self.model = f"adaface-{extractor.arch}"

@@ -153,6 +153,8 @@ def test_a_browser_is_sent_to_the_console_and_api_clients_keep_the_json(open_ser
     assert "default-src 'self'" in headers["Content-Security-Policy"]
     assert request(open_server.port, "GET", "/ui/../flask_http_server.py")[0] == 404
     assert request(open_server.port, "GET", "/ui/nothing-here.js")[0] == 404
+    status, headers, _ = request(open_server.port, "GET", "/ui")
+    assert status == 308 and headers["Location"].endswith("/ui/")
 
 
 def test_every_console_asset_is_in_the_repository():

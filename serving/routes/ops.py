@@ -57,6 +57,16 @@ class Limits(Answer):
     max_images: int
 
 
+class Int8(Answer):
+    served: bool = Field(description="whether the int8 graph answers (else fp32 does)")
+    reason: str = Field(description="why: the gate passed, or why int8 was refused")
+    threshold: float = Field(description="the gate's lowest accepted cosine (ADAFACE_INT8_MIN_COSINE)")
+    min_cosine: Optional[float] = Field(description="the lowest cosine int8 to fp32 over the calibration crops")
+    crops: int = Field(description="calibration crops the gate measured")
+    cached: bool = Field(description="the graph and the gate's figure came from an earlier start")
+    path: Optional[str] = Field(description="the int8 graph file")
+
+
 class Auth(Answer):
     keys: int = Field(description="API keys configured (the made admin key counts)")
     keyless_scopes: list = Field(description="what a request without a key may do")
@@ -70,6 +80,8 @@ class Info(Answer):
     synthetic: bool
     device: str
     backend: str
+    precision: str = Field(description="fp32 or int8: the precision served")
+    int8: Optional[Int8] = Field(description="what became of ADAFACE_PRECISION=int8 (null when not asked)")
     embedding_size: int
     max_batch: int
     model: str
@@ -121,7 +133,7 @@ def readyz():
 
 
 @blueprint.get("/info")
-@document("Model, weights (path and sha256), device, threads, batching, limits, versions",
+@document("Model, weights (path and sha256), device, precision, threads, batching, limits, versions",
           {200: Reply("info", Info)}, errors=(401,))
 def info():
     service = current()
