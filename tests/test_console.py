@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import FACEDATA, REPO, photo
 from test_http import GREY, two_faces
-from test_server import request, start
+from test_server import ir18_ckpt, request, start  # noqa: F401 (ir18_ckpt: a fixture)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -52,18 +52,8 @@ def playwright_browser():
 
 
 @pytest.fixture(scope="module")
-def ir18_weights(tmp_path_factory) -> Path:
-    import torch
-
-    import net
-    path = tmp_path_factory.mktemp("console-weights") / "adaface_ir18_synthetic.pth"
-    torch.save(net.synthetic_backbone("ir_18", seed=3).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def open_server(ir18_weights, tmp_path_factory):
-    server = start(tmp_path_factory.mktemp("console-open"), ir18_weights)
+def open_server(ir18_ckpt, tmp_path_factory):
+    server = start(tmp_path_factory.mktemp("console-open"), ir18_ckpt)
     try:
         yield server.wait_ready()
     finally:
