@@ -55,6 +55,23 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics)
 
 
+def on_starting(server):
+    """With ADAFACE_PRECISION=int8, calibrate and gate the int8 graph once, in a separate process,
+    before any worker starts (``python AdaFaceFeature.py prepare``): the workers then load it from
+    the cache instead of each calibrating while gunicorn waits for it to boot."""
+    if _settings.precision != "int8":
+        return
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    server.log.info("preparing the int8 graph (once per weights and calibration folder)")
+    done = subprocess.run([sys.executable, os.path.join(here, "AdaFaceFeature.py"), "prepare"], cwd=here,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        server.log.warning("int8 preparation failed (the workers will try again): %s", done.stderr.strip()[-2000:])
+    else:
+        server.log.info("int8 prepared: %s", done.stdout.strip())
+
+
 def post_fork(server, worker):
     """Give each worker cores / workers torch threads unless ADAFACE_THREADS says otherwise."""
     if not os.environ.get("ADAFACE_THREADS"):

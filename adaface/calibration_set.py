@@ -43,6 +43,12 @@ class CalibrationSet:
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         return cls(root, files, digest.hexdigest()[:16])
 
+    def keyed(self, *parts: str) -> str:
+        """The digest combined with ``parts`` (what else decides the crops), 16 hex."""
+        if not self.files:
+            return self.digest
+        return hashlib.sha256("\0".join((self.digest, *parts)).encode()).hexdigest()[:16]
+
     def describe(self) -> str:
         """Where the set is, for log lines and refusals."""
         if self.folder is None:

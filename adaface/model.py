@@ -78,15 +78,22 @@ class Model:
         what happened, and is kept as ``self.int8``.
         """
         if self.backend.name != "onnx":
-            report = Int8Report(False, f"int8 runs on the onnx backend (CPU); this model runs on {self.backend.name}",
-                                min_cosine)
-        else:
-            def inputs():
-                return crops_to_tensor(make_crops(), torch.device("cpu")).numpy()
-            backend, report = int8_backend(self.backend, digest, inputs, min_cosine, torch.get_num_threads(),
-                                           min_crops, source)
-            if backend is not None:
-                self.backend, self.precision = backend, "int8"
+            return self.refuse_int8(f"int8 runs on the onnx backend (CPU); this model runs on {self.backend.name}",
+                                    min_cosine)
+
+        def inputs():
+            return crops_to_tensor(make_crops(), torch.device("cpu")).numpy()
+        backend, report = int8_backend(self.backend, digest, inputs, min_cosine, torch.get_num_threads(),
+                                       min_crops, source)
+        if backend is not None:
+            self.backend, self.precision = backend, "int8"
+        return self._report_int8(report)
+
+    def refuse_int8(self, reason: str, min_cosine: float = DEFAULT_INT8_MIN_COSINE) -> Int8Report:
+        """Keep fp32, saying why int8 was not tried."""
+        return self._report_int8(Int8Report(False, reason, min_cosine))
+
+    def _report_int8(self, report: Int8Report) -> Int8Report:
         log = logger.info if report.served else logger.warning
         log("int8 %s: %s%s", "served" if report.served else "refused, serving fp32", report.reason,
             " (gate result of an earlier start)" if report.cached else "")

@@ -59,7 +59,7 @@ MAX_FACES = Bound(1, 1000)              # faces per image with faces=all
 #: pyramid level is the photo enlarged, and detection costs grow as (12 / min_face_size)²
 MIN_FACE_SIZE = Bound(12, 10_000)
 SIMILARITY = Bound(-1.0, 1.0)           # a cosine-similarity threshold
-GATE_COSINE = Bound(0.0, 1.0)           # the int8 gate's lowest accepted cosine to fp32
+GATE_COSINE = Bound(0.9, 1.0)           # the int8 gate's lowest accepted cosine to fp32 (below 0.9 it would gate nothing)
 TOP_K = Bound(1, 100)                   # identify candidates per face
 LIST_LIMIT = Bound(1, 1000)             # rows per page of a listing
 LIST_OFFSET = Bound(0, 2 ** 62)         # rows skipped; below SQLite's signed 64-bit integers

@@ -92,9 +92,18 @@ class Extractor:
         self.max_pixels = max_pixels
         self.max_batch = max_batch or default_max_batch(self.model.device.type)
         if precision == "int8":
-            images = CalibrationSet.from_folder(calibration)
-            self.model.use_int8(images.digest, lambda: self.calibration_crops(images), int8_min_cosine,
-                                source=images.describe())
+            self._use_int8(calibration, int8_min_cosine)
+
+    def _use_int8(self, folder, min_cosine: float) -> None:
+        """Ask the model for int8 calibrated on ``folder`` (a folder that cannot be read refuses it)."""
+        try:
+            images = CalibrationSet.from_folder(folder)
+        except (OSError, UnicodeError) as exc:
+            self.model.refuse_int8(f"calibration folder {folder} cannot be read: {exc}", min_cosine)
+            return
+        # the crops depend on the detector's settings too: they are part of the set's name
+        digest = images.keyed(repr(self.detector.params), str(self.max_pixels))
+        self.model.use_int8(digest, lambda: self.calibration_crops(images), min_cosine, source=images.describe())
 
     def calibration_crops(self, images: CalibrationSet) -> np.ndarray:
         """Every face crop of a calibration set, at most :data:`MAX_CROPS`: N×112×112×3 uint8 RGB.

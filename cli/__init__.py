@@ -20,7 +20,7 @@ from adaface.errors import InputError
 from adaface.options import ALIGN_MODES, ARCH_NAMES, DEFAULT_ALIGN, DEFAULT_FACES, FACE_MODES
 from gallery.errors import GalleryError, StoreUrlError
 
-from . import calibrate, embed, gallery, keys  # noqa: F401  (each registers its commands)
+from . import calibrate, embed, gallery, keys, prepare  # noqa: F401  (each registers its commands)
 from .registry import COMMANDS, Context, ModelLoadError, names
 
 __all__ = ["Context", "ModelLoadError", "build_parser", "main"]

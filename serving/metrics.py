@@ -37,16 +37,15 @@ class Metrics:
                            registry=r, multiprocess_mode="livesum")
         self.precision = Gauge("adaface_precision", "1 for the precision the network runs at (fp32, int8)",
                                ["precision"], registry=r, multiprocess_mode="livemax")
-        self.int8_cosine = Gauge("adaface_int8_min_cosine", "the int8 gate's lowest cosine to fp32 over the "
-                                 "calibration crops (when int8 was asked for and measured)", registry=r,
-                                 multiprocess_mode="livemin")
 
     def model_precision(self, precision: str, int8_cosine: float | None) -> None:
-        """Record the precision served and, when measured, the int8 gate's figure."""
+        """Record the precision served and, when measured, the int8 gate's figure (the gauge
+        exists only then: an unmeasured figure is absent, not 0)."""
         for name in ("fp32", "int8"):
             self.precision.labels(name).set(1 if name == precision else 0)
         if int8_cosine is not None:
-            self.int8_cosine.set(int8_cosine)
+            Gauge("adaface_int8_min_cosine", "the int8 gate's lowest cosine to fp32 over the calibration crops",
+                  registry=self.registry, multiprocess_mode="livemin").set(int8_cosine)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float, caller: str = "open") -> None:
         self.requests.labels(route, method, str(status)).inc()

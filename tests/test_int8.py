@@ -6,6 +6,7 @@ reference's aligned crops of the shared photos (112×112 PNGs, taken as crops) a
 (detected and aligned by the pipeline).
 """
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from AdaFaceFeature import AdaFaceFeature
-from adaface.backends.int8 import int8_backend, lowest_cosine, quantize
+from adaface.backends.int8 import RECIPE, int8_backend, lowest_cosine, quantize
 from adaface.backends.onnx_runtime import OnnxBackend
 from adaface.calibration_set import CalibrationSet
 from adaface.model import crops_to_tensor
@@ -130,6 +131,38 @@ def test_the_gate_refuses_a_broken_quantization(fp32, calibration, tmp_path):
     assert lowest_cosine(reference, healthy, inputs) == pytest.approx(good.min_cosine, abs=1e-6)
 
 
+def test_a_quantizer_that_fails_refuses_int8(fp32, calibration, tmp_path):
+    def failing(fp32_path, out_path, inputs):
+        raise RuntimeError("no space left for the graph")
+
+    local = tmp_path / "graph.onnx"
+    shutil.copy(fp32.backend.path, local)
+    backend, report = int8_backend(OnnxBackend(local, 2), "x", lambda: np.zeros((8, 3, 112, 112), np.float32),
+                                   0.995, 2, 8, quantizer=failing)
+    assert backend is None and not report.served and "no space left for the graph" in report.reason
+    assert {p.name for p in tmp_path.iterdir()} == {"graph.onnx", f"graph.int8-{RECIPE}-x.onnx.lock"}
+
+
+def test_a_record_of_other_kernels_or_another_fp32_graph_is_measured_again(int8, cache, calibration):
+    record_path = Path(int8.model.int8.path).with_suffix(".json")
+    record = json.loads(record_path.read_text())
+    assert record["fp32_sha256"] and record["onnxruntime"] and "cpu" in record
+    record["onnxruntime"] = "0.0.1"                 # as if measured with another ONNX Runtime
+    record_path.write_text(json.dumps(record))
+    again = extractor(cache, calibration, precision="int8")
+    assert not again.model.int8.cached and again.model.precision == "int8"
+    assert json.loads(record_path.read_text())["onnxruntime"] != "0.0.1"
+
+
+def test_an_unreadable_calibration_folder_refuses_int8(cache, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    fd = os.open(os.fsencode(folder) + b"/\xff.png", os.O_CREAT | os.O_WRONLY)   # a name that is not UTF-8
+    os.close(fd)
+    model = extractor(cache, folder, precision="int8").model
+    assert model.precision == "fp32" and "cannot be read" in model.int8.reason
+
+
 def test_a_changed_folder_or_graph_calibrates_again(int8, cache, calibration, tmp_path):
     folder = tmp_path / "more"
     shutil.copytree(calibration, folder)
@@ -185,3 +218,25 @@ def test_the_server_reports_the_precision_served(int8, cache, calibration, tmp_p
         assert float(np.dot(json.loads(body)["faces"][0]["embedding"], expected)) > 0.99999
     finally:
         server.stop()
+
+
+@pytest.mark.server
+def test_two_workers_on_a_cold_cache_start_from_one_calibration(calibration, tmp_path):
+    """gunicorn's master prepares the int8 graph before the workers start (gunicorn.conf.py): both
+    workers load it from the cache, and nothing but the graphs, the record and the lock is left."""
+    cold = tmp_path / "cold"
+    cold.mkdir()
+    server = start(tmp_path, "synthetic", ADAFACE_ARCH=ARCH, ADAFACE_PRECISION="int8", ADAFACE_WORKERS="2",
+                   ADAFACE_CALIBRATION_DIR=str(calibration), ADAFACE_CACHE_DIR=str(cold),
+                   ADAFACE_LOG_LEVEL="info")
+    try:
+        server.wait_ready()
+        answers = [json.loads(request(server.port, "GET", "/info")[2]) for _ in range(6)]
+        assert all(a["precision"] == "int8" and a["int8"]["cached"] for a in answers)
+        [prepared] = [line for line in server.output().splitlines() if "int8 prepared" in line]
+        assert '"served":true' in prepared and '"cached":false' in prepared    # the master's run calibrated
+    finally:
+        server.stop()
+    names = sorted(p.name for p in cold.iterdir())
+    assert [n for n in names if n.startswith(".")] == []          # no temporary files left
+    assert len([n for n in names if n.endswith(".onnx")]) == 2 and len([n for n in names if n.endswith(".json")]) == 1

@@ -17,6 +17,7 @@ def test_defaults_come_from_the_library():
     assert (s.max_faces, s.min_face_size, s.max_pixels) == (opt.DEFAULT_MAX_FACES, opt.DEFAULT_MIN_FACE_SIZE,
                                                             opt.MAX_PIXELS)
     assert (s.verify_threshold, s.identify_threshold) == (opt.DEFAULT_VERIFY_THRESHOLD, opt.DEFAULT_IDENTIFY_THRESHOLD)
+    assert (s.precision, s.int8_min_cosine) == (opt.DEFAULT_PRECISION, opt.DEFAULT_INT8_MIN_COSINE)
 
 
 @pytest.mark.parametrize("variable, value, words", [
@@ -34,6 +35,8 @@ def test_defaults_come_from_the_library():
     ("ADAFACE_WORKERS", "0", "more than 0"),
     ("ADAFACE_MAX_BATCH", "eight", "not a valid int"),
     ("ADAFACE_LOG_LEVEL", "LOUD", "INFO"),
+    ("ADAFACE_PRECISION", "fp16", "fp32, int8"),
+    ("ADAFACE_INT8_MIN_COSINE", "0.5", "between 0.9 and 1.0"),
 ])
 def test_bad_values_are_refused_naming_the_variable(variable, value, words):
     with pytest.raises(SettingsError) as info:

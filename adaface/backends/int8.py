@@ -2,20 +2,24 @@
 it embeds face crops as the fp32 graph does (the accuracy gate).
 
 **Recipe** (ONNX Runtime's static quantization, QDQ format): int8 weights per output channel,
-uint8 activations whose ranges are the min/max seen on the calibration crops; only convolutions
-are quantized, the first convolution and the output layer stay fp32, and so do batch norms,
-PReLUs and the residual additions. Measured on IR-101 (README, "int8"): quantizing the additions
-and PReLUs too lowers the lowest cosine from 0.998 to 0.971, and keeping the first and last layers
-fp32 costs nothing measurable in speed.
+uint8 activations whose ranges are the min/max seen on the calibration crops. The convolutions
+and the output layer are quantized; the first convolution stays fp32, and so do the batch norms
+in front of convolutions (those behind one are folded into it by the pre-processing), the PReLUs
+and the residual additions. Measured on IR-101 (README, "int8 on CPU"): the first convolution
+quantized too lowers the lowest cosine from 0.997 to 0.973, the additions 0.988.
 
 **Cache**: the graph is written beside the fp32 graph as ``<fp32 name>.int8-<RECIPE>-<calibration
-digest>.onnx`` with a record (``.json``) of the gate: the lowest cosine, the number of crops and
-the graph's sha256. A later start with the same weights and calibration folder reads the record
-(and checks the graph's hash) instead of calibrating and gating again; workers starting together
-take turns on a lock file, so one of them does the work.
+digest>.onnx`` with a record (``.json``) of the gate: the lowest cosine, the number of crops, the
+int8 and fp32 graphs' sha256, ONNX Runtime's version and the CPU's int8 instructions (the kernels
+the figure was measured with). A later start whose record matches all of them reads it instead of
+calibrating and gating again; a mismatch does both again. Workers starting together take turns on
+a lock file, so one of them does the work (``python AdaFaceFeature.py prepare``, which gunicorn's
+master runs before it starts workers, does it first).
 
 **Gate**: every calibration crop is embedded by both graphs; the lowest cosine between a crop's
-two embeddings must be at least ``min_cosine``, or int8 is refused and fp32 served.
+two embeddings must be at least ``min_cosine``, or int8 is refused and fp32 served. The crops are
+the ones the ranges were set on, as the gate's purpose is to catch a quantization that does not
+fit these weights; unseen faces may differ a little more (README).
 """
 from __future__ import annotations
 
@@ -138,11 +142,32 @@ def lowest_cosine(reference, candidate, inputs: np.ndarray) -> float:
     return float(np.min(cosines))
 
 
-def _read_record(path: Path, digest: str) -> Optional[dict]:
-    """The gate's record of an earlier start, if it is for this graph file as it is now."""
+def cpu_int8_features() -> str:
+    """The CPU's instructions that decide ONNX Runtime's int8 kernels (Linux; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return ",".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
+    except OSError:
+        pass
+    return ""
+
+
+def _context(fp32_path: Path) -> dict:
+    """What a gate record must match besides its own graph: the fp32 graph and the kernels."""
+    import onnxruntime
+    return {"fp32_sha256": _file_sha256(fp32_path), "onnxruntime": onnxruntime.__version__,
+            "cpu": cpu_int8_features()}
+
+
+def _read_record(path: Path, digest: str, context: dict) -> Optional[dict]:
+    """The gate's record of an earlier start, if it is for this graph file as it is now, made
+    from this fp32 graph with these kernels."""
     try:
         record = json.loads(_record_path(path).read_text())
         if record.get("recipe") == RECIPE and record.get("calibration") == digest and path.exists() \
+                and all(record.get(k) == v for k, v in context.items()) \
                 and record.get("graph_sha256") == _file_sha256(path):
             return record
     except (OSError, ValueError, AttributeError):
@@ -151,13 +176,13 @@ def _read_record(path: Path, digest: str) -> Optional[dict]:
 
 
 def _calibrate_and_gate(fp32: OnnxBackend, path: Path, digest: str, inputs: np.ndarray, threads: int,
-                        quantizer: Callable) -> dict:
+                        quantizer: Callable, context: dict) -> dict:
     began = time.monotonic()
     logger.info("quantizing the backbone to int8 on %d crops (once for these weights and crops)", len(inputs))
     quantizer(Path(fp32.path), path, inputs)
     cosine = lowest_cosine(fp32, OnnxBackend(path, threads), inputs)
     record = {"recipe": RECIPE, "calibration": digest, "crops": int(len(inputs)), "min_cosine": cosine,
-              "graph_sha256": _file_sha256(path), "seconds": round(time.monotonic() - began, 1)}
+              "graph_sha256": _file_sha256(path), **context, "seconds": round(time.monotonic() - began, 1)}
     tmp = _record_path(path).with_name(f".{_record_path(path).name}.{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, _record_path(path))
@@ -173,20 +198,24 @@ def int8_backend(fp32: OnnxBackend, digest: str, make_inputs: Callable[[], np.nd
     ``quantizer(fp32_path, out_path, inputs)`` writes the int8 graph (:func:`quantize`)."""
     path = int8_path(Path(fp32.path), digest)
     try:
-        with _locked(path):
-            record, cached = _read_record(path, digest), True
-            if record is None:
-                inputs, cached = make_inputs(), False
-                if len(inputs) < min_crops:
-                    return None, Int8Report(False, f"{len(inputs)} face crops from {source}: at least {min_crops} "
-                                                   "are needed to calibrate int8", min_cosine, crops=len(inputs))
-                record = _calibrate_and_gate(fp32, path, digest, inputs, threads, quantizer)
-    except Exception as exc:   # a failed quantization refuses int8; fp32 still serves
+        context = _context(Path(fp32.path))
+        record, cached = _read_record(path, digest, context), True   # a read-only cache needs no lock
+        if record is None:
+            with _locked(path):
+                record = _read_record(path, digest, context)          # another worker may have made it
+                if record is None:
+                    inputs, cached = make_inputs(), False
+                    if len(inputs) < min_crops:
+                        return None, Int8Report(False, f"{len(inputs)} face crops from {source}: at least "
+                                                       f"{min_crops} are needed to calibrate int8", min_cosine,
+                                                crops=len(inputs))
+                    record = _calibrate_and_gate(fp32, path, digest, inputs, threads, quantizer, context)
+        figure, crops = record["min_cosine"], record["crops"]
+        if not figure >= min_cosine:
+            return None, Int8Report(False, f"lowest cosine to fp32 {figure:.5f} is below {min_cosine}", min_cosine,
+                                    figure, crops, cached, str(path))
+        backend = OnnxBackend(path, threads)
+    except Exception as exc:   # a failed quantization or an int8 graph that cannot load refuses int8
         logger.exception("int8 quantization failed")
         return None, Int8Report(False, f"quantization failed: {exc}", min_cosine)
-    figure, crops = record["min_cosine"], record["crops"]
-    if not figure >= min_cosine:
-        return None, Int8Report(False, f"lowest cosine to fp32 {figure:.5f} is below {min_cosine}", min_cosine,
-                                figure, crops, cached, str(path))
-    return OnnxBackend(path, threads), Int8Report(True, "passed the accuracy gate", min_cosine, figure, crops,
-                                                  cached, str(path))
+    return backend, Int8Report(True, "passed the accuracy gate", min_cosine, figure, crops, cached, str(path))
