@@ -153,10 +153,16 @@ def _text_line(record: dict) -> str:
     return f"{record['image']}: " + "; ".join(parts)
 
 
+def _search(ctx) -> SearchParams:
+    """The in-memory search as the settings configure it."""
+    settings = ctx.settings()
+    return SearchParams(ann_min_faces=settings.ann_min_faces, expansion_search=settings.ann_expansion_search)
+
+
 def cmd_identify(args, ctx) -> int:
     import orjson
     threshold = ctx.settings().identify_threshold if args.threshold is None else args.threshold
-    galleries = Galleries(open_store(_url(args, ctx)), SearchParams(ann_min_faces=ctx.settings().ann_min_faces))
+    galleries = Galleries(open_store(_url(args, ctx)), _search(ctx))
     status = 0
     try:
         galleries.store.get_gallery(args.gallery)
