@@ -57,19 +57,27 @@ def embed():
     if _wants_bytes():
         return _packed(service, results)
     head = {"model": service.model, "dim": EMBEDDING_SIZE}
+    entries = [entry_or_error(r) for r in results] if batch else [image_entry(results[0])]
+    if query.crops:
+        _add_crops(service, entries, results)
     if batch:
-        entries = [_with_crops(entry_or_error(r), r, query.crops) for r in results]
         return json_response({**head, "results": entries}, headers=service.embedding_headers())
-    return json_response({**head, **_with_crops(image_entry(results[0]), results[0], query.crops)},
-                         headers=service.embedding_headers(results[0].faces[0]))
+    return json_response({**head, **entries[0]}, headers=service.embedding_headers(results[0].faces[0]))
 
 
-def _with_crops(entry: dict, result, crops: bool) -> dict:
-    """``entry`` with each face's aligned crop as base64 PNG under ``crop`` when ``crops``."""
-    if crops and "faces" in entry:
-        for face, out in zip(result.faces, entry["faces"]):
-            out["crop"] = None if face.crop is None else base64.b64encode(crop_png(face.crop)).decode("ascii")
-    return entry
+def _add_crops(service, entries: list, results: list) -> None:
+    """Each face's aligned crop as base64 PNG under ``crop``, encoded in a native thread (up to
+    ``max_images`` × ``max_faces`` PNGs: not on the event loop)."""
+    pairs = [(face, out) for entry, result in zip(entries, results) if "faces" in entry
+             for face, out in zip(result.faces, entry["faces"])]
+    encoded = service.runner.intake.call(_encode_crops, [face.crop for face, _ in pairs])
+    for (_, out), crop in zip(pairs, encoded):
+        out["crop"] = crop
+
+
+def _encode_crops(crops: list) -> list:
+    """112×112×3 uint8 RGB crops (or None) -> base64 PNG text (or None)."""
+    return [None if c is None else base64.b64encode(crop_png(c)).decode("ascii") for c in crops]
 
 
 @blueprint.post("/v1/verify")
