@@ -87,6 +87,9 @@ DEFAULT_ANN_MIN_FACES = 200_000
 #: the HNSW search's candidate list (gallery/ann.py): more is slower and finds more of the true
 #: nearest faces; 80 gives recall@1 0.997 at 1.8 ms a probe in a million faces (docs/galleries.md)
 DEFAULT_ANN_EXPANSION_SEARCH = 80
+#: the most faces one segment of an HNSW graph holds; larger galleries hold several segments,
+#: each built and searched as a million-face graph is (gallery/ann.py)
+DEFAULT_ANN_SEGMENT_FACES = 1_000_000
 DEFAULT_LIST_LIMIT = 100
 #: faces per network forward when none is configured, by device type
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}

@@ -2,7 +2,8 @@
 
     python bench/gallery.py [--sizes 1000000] [--store file|sqlite] [--ef 64,128,256] [--rank 64]
                             [--per-identity 4] [--probes 300] [--top-k 5] [--min-faces 200000]
-                            [--connectivity 16] [--expansion-add 40] [--dtype i8] [--folder DIR] [--json]
+                            [--connectivity 16] [--expansion-add 96] [--dtype i8] [--segment-faces 1000000]
+                            [--search-threads 0] [--folder DIR] [--json]
 
 **The galleries** have identity structure. Each identity has a centre ``c = normalise(B z)``,
 ``z ~ N(0, I_rank)`` with ``B`` a fixed orthonormal 512 x ``rank`` basis: trained face models
@@ -27,7 +28,9 @@ ten million faces are 20 GB of float32, more than the machine's memory.
   ``Indexes.search`` (the version check, the search, the rescoring read) and ``Galleries.identify``
   (plus the candidates' names).
 
-**Reported** per size: the index kind, build or load time, the index's own bytes and the
+**Reported** per size: the index kind (and its graph's segments: ``--segment-faces``, default
+the code's 1,000,000; a probe walks them all on ``--search-threads`` threads, 0: every core;
+a progress line goes to stderr every million faces), build or load time, the index's own bytes and the
 process's resident memory (VmRSS; RssAnon is the process's own memory, RssFile the mapped files
 and libraries; VmHWM the peak), the exact search's time for all probes at once; then per
 ``expansion_search`` (``--ef``, graph indexes) the median and 99th percentile per probe (one probe
@@ -149,11 +152,14 @@ class Truth:
         self.identity[better] = identity_ids[rows[better]]
 
 
-def watched(chunks, truth: Truth, sink, spent: list):
+def watched(chunks, truth: Truth, sink, spent: list, every: int = 1_000_000):
     """Pass the chunks on, scoring each for the truth and handing it to ``sink`` first; the time
-    that takes (and the making of the chunk) is added to ``spent[0]``."""
-    it = iter(chunks)
+    that takes (and the making of the chunk) is added to ``spent[0]``. Every ``every`` faces a
+    progress line goes to stderr (a ten-million-face build takes hours)."""
+    it, seen, began_all = iter(chunks), 0, time.perf_counter()
     while True:
+        if seen and seen % every == 0:
+            print(f"  {seen:,} faces in {time.perf_counter() - began_all:,.0f} s", file=sys.stderr, flush=True)
         began = time.perf_counter()
         try:
             chunk = next(it)
@@ -162,6 +168,7 @@ def watched(chunks, truth: Truth, sink, spent: list):
         truth.see(chunk[1], chunk[2])
         sink(chunk)
         spent[0] += time.perf_counter() - began
+        seen += len(chunk[0])
         yield chunk
 
 
@@ -223,6 +230,7 @@ def bench_file(gen: Synthetic, params, args, folder: Path) -> dict:
         index.load_chunks(1, watched(gen.chunks(), truth, lambda c: out.write(c[2].tobytes()), spent), gen.size)
         total = time.perf_counter() - began
     result = {"faces": gen.size, "store": "float32 file (stand-in for the store)", "kind": index.kind,
+              "segments": index.graph.segments if index.graph is not None else 0,
               "build_s": total - spent[0], "generate_s": spent[0], "index_mib": index.nbytes / 2 ** 20,
               "memory_before_mib": before, "memory_mib": memory_mib()}
     result["searches"] = sweep(index, lambda p: index.search(p, args.top_k), args.efs, probes, truth)
@@ -264,6 +272,7 @@ def bench_sqlite(gen: Synthetic, params, args, folder: Path) -> dict:
     index.wait_built()
     built = time.perf_counter() - began
     result = {"faces": gen.size, "store": "sqlite", "kind": index.kind, "fill_s": fill_s, "load_s": loaded,
+              "segments": index.graph.segments if index.graph is not None else 0,
               "build_s": built, "index_mib": index.nbytes / 2 ** 20, "memory_before_mib": before,
               "memory_mib": memory_mib()}
     result["searches"] = sweep(index, lambda p: galleries.indexes.search("bench", p, args.top_k), args.efs, probes, truth)
@@ -279,7 +288,8 @@ def bench_sqlite(gen: Synthetic, params, args, folder: Path) -> dict:
 
 def print_result(r: dict) -> None:
     m = r["memory_mib"]
-    print(f"\n{r['faces']:,} faces, {r['kind']} index, vectors from: {r['store']}")
+    segments = f" in {r['segments']} segments" if r.get("segments", 0) > 1 else ""
+    print(f"\n{r['faces']:,} faces, {r['kind']} index{segments}, vectors from: {r['store']}")
     if "fill_s" in r:
         print(f"  filled the store in {r['fill_s']:.0f} s; loaded in {r['load_s']:.1f} s, graph built after "
               f"{r['build_s']:.0f} s")
@@ -308,13 +318,16 @@ def main(argv=None) -> int:
     parser.add_argument("--connectivity", type=int, default=None)
     parser.add_argument("--expansion-add", type=int, default=None)
     parser.add_argument("--dtype", choices=("i8", "f16"), default=None)
+    parser.add_argument("--segment-faces", type=int, default=None, help="the most faces a graph segment holds")
+    parser.add_argument("--search-threads", type=int, default=None, help="threads a probe's segments are searched on (0: all)")
     parser.add_argument("--folder", default=None, help="where the vectors file or database goes (default: a temp folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     args.efs = [int(e) for e in args.ef.split(",")]
     from gallery.ann import SearchParams
     chosen = {"ann_min_faces": args.min_faces, "connectivity": args.connectivity,
-              "expansion_add": args.expansion_add, "dtype": args.dtype}
+              "expansion_add": args.expansion_add, "dtype": args.dtype, "segment_faces": args.segment_faces,
+              "search_threads": args.search_threads}
     params = SearchParams(**{k: v for k, v in chosen.items() if v is not None})
     results = []
     with tempfile.TemporaryDirectory(dir=args.folder, prefix="adaface-bench-") as folder:

@@ -12,7 +12,8 @@ once, with its best face.
   checked against it, and when a face outside the candidates could still belong in the answer,
   every face that could is rescored too: the answer is the exact float32 one.
 - **HNSW graph** (from :attr:`SearchParams.ann_min_faces` faces): usearch's graph
-  (:class:`gallery.ann.Graph`, about 0.7 KiB per face with int8 vectors) gives the candidates;
+  (:class:`gallery.ann.Graph`, about 0.7 KiB per face with int8 vectors, in segments of at most
+  :attr:`SearchParams.segment_faces` faces, all walked for each probe) gives the candidates;
   approximate (recall against the exact answer measured in docs/galleries.md). When a float16
   index grows to the threshold, the graph is built in a native thread while the float16 scan
   keeps serving, then takes its place and the matrix is freed.
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -73,6 +74,7 @@ class SearchIndex:
         self._graph: Optional[Graph] = None
         self._job: Optional[_Build] = None
         self._build_failed = False
+        self._loading = False
         self._closed = False
         self._identity_count: Optional[int] = None
         self._lock = allocate_lock()
@@ -127,21 +129,39 @@ class SearchIndex:
         self.load_chunks(rows.version, [(rows.face_ids, rows.identity_ids, rows.vectors)], len(rows.face_ids),
                          graph_now=False)
 
+    def load_snapshot(self, pieces: Iterator) -> None:
+        """Replace everything with a snapshot read in pieces (:meth:`GalleryStore.snapshot_chunks`:
+        ``(version, count)``, then :class:`Rows`): the float16 rows fill as the pieces arrive,
+        so only one piece of float32 is held at a time, then from the threshold on a graph is
+        built in the background while the float16 scan serves."""
+        try:
+            version, count = next(pieces)
+            self.load_chunks(version, ((r.face_ids, r.identity_ids, r.vectors) for r in pieces), count,
+                             graph_now=False)
+        finally:
+            pieces.close()                   # ends the store's read at once, also on an error
+
     def load_chunks(self, version: int, chunks: Iterable, total: int, graph_now: bool = True) -> None:
         """Replace everything with ``chunks`` of (face ids, identity ids, float32 vectors), about
         ``total`` faces in all. With ``graph_now`` and ``total`` at the threshold or above, the
         graph is built here from the chunks, without a float16 copy (the way to load ten
-        million faces: only the graph and one chunk are ever held)."""
+        million faces: only the graph and one chunk are ever held); otherwise the chunks fill
+        the float16 rows and a graph, if due, is built in the background once they are in."""
         with self._lock:
             self._reset()
             if graph_now and self.params.wants_graph(total):
                 self._graph, self._half = Graph(self.params), None
             else:
                 self._half.reserve(total)
-            for face_ids, identity_ids, vectors in chunks:
-                self._add(np.asarray(face_ids, np.int64), np.asarray(identity_ids, np.int64),
-                          np.asarray(vectors, np.float32))
+            self._loading = True
+            try:
+                for face_ids, identity_ids, vectors in chunks:
+                    self._add(np.asarray(face_ids, np.int64), np.asarray(identity_ids, np.int64),
+                              np.asarray(vectors, np.float32))
+            finally:
+                self._loading = False
             self.version = version
+            self._build_if_due()
 
     def apply(self, delta: Rows) -> bool:
         """Apply a delta from :meth:`GalleryStore.delta` unless this index is already as new.
@@ -190,7 +210,13 @@ class SearchIndex:
             self._graph.add(face_ids, vectors)
             return
         self._half.add(face_ids, vectors)
-        if self._job is None and not self._build_failed and self.params.wants_graph(len(self._half)):
+        self._build_if_due()
+
+    def _build_if_due(self) -> None:
+        """Start the background build once the float16 rows reach the threshold (lock held; not
+        while a load is still adding them)."""
+        if (self._half is not None and not self._loading and self._job is None and not self._build_failed
+                and self.params.wants_graph(len(self._half))):
             self._start_build()
 
     def _remove(self, face_ids: np.ndarray) -> None:
@@ -360,7 +386,7 @@ class Indexes:
             if index is None or index.gallery_id != gallery_id:
                 self._drop(name)
                 index = SearchIndex(gallery_id, source=self.store, params=self.params)
-                index.load(self.store.snapshot(gallery_id))
+                index.load_snapshot(self.store.snapshot_chunks(gallery_id))
                 self._by_name[name] = index
             elif index.version < version:
                 index.apply(self.store.delta(gallery_id, index.version))

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 #: ids per IN (...) list
 CHUNK = 500
+#: faces per piece of a chunked snapshot (8 MiB of float32)
+SNAPSHOT_ROWS = 4_096
+#: a gallery's faces for a snapshot, in id order (one parameter: the gallery id)
+_SNAPSHOT_FACES = "SELECT id, identity_id, embedding FROM adaface_faces WHERE gallery_id = %s ORDER BY id"
 #: a gallery's face ids, as a subquery with one parameter (the gallery id)
 _GALLERY_FACES = "SELECT id FROM adaface_faces WHERE gallery_id = %s"
 
@@ -598,20 +602,45 @@ class SqlStore(GalleryStore):
     def snapshot(self, gallery_id: int) -> Rows:
         # Streamed into preallocated arrays: a million faces need their 2 GiB once, not three times.
         with self._transaction(False, snapshot=True) as tx:
-            row = tx.one("SELECT version, (SELECT count(*) FROM adaface_faces WHERE gallery_id = %s) "
-                         "FROM adaface_galleries WHERE id = %s", (gallery_id, gallery_id))
-            if row is None:
+            head = self._snapshot_head(tx, gallery_id)
+            if head is None:
                 return self._rows(DROPPED, [])
-            version, count = row
+            version, count = head
             face_ids, identity_ids = np.empty(count, np.int64), np.empty(count, np.int64)
             vectors = np.empty((count, EMBEDDING_SIZE), np.float32)
             i = 0
-            for i, (face_id, identity_id, blob) in enumerate(tx.stream(
-                    "SELECT id, identity_id, embedding FROM adaface_faces WHERE gallery_id = %s ORDER BY id",
-                    (gallery_id,)), start=1):
+            for i, (face_id, identity_id, blob) in enumerate(tx.stream(_SNAPSHOT_FACES, (gallery_id,)), start=1):
                 face_ids[i - 1], identity_ids[i - 1] = face_id, identity_id
                 vectors[i - 1] = np.frombuffer(blob, "<f4")
         return Rows(version, face_ids[:i], identity_ids[:i], vectors[:i])
+
+    def snapshot_chunks(self, gallery_id: int, rows: int = SNAPSHOT_ROWS) -> Iterator:
+        with self._transaction(False, snapshot=True) as tx:
+            head = self._snapshot_head(tx, gallery_id)
+            if head is None:
+                yield DROPPED, 0
+                return
+            version, count = head
+            yield version, count
+            piece, n = None, 0
+            for face_id, identity_id, blob in tx.stream(_SNAPSHOT_FACES, (gallery_id,)):
+                if piece is None:            # fresh arrays for each piece: the caller keeps the last
+                    piece = Rows(version, np.empty(rows, np.int64), np.empty(rows, np.int64),
+                                 np.empty((rows, EMBEDDING_SIZE), np.float32))
+                piece.face_ids[n], piece.identity_ids[n] = face_id, identity_id
+                piece.vectors[n] = np.frombuffer(blob, "<f4")
+                n += 1
+                if n == rows:
+                    yield piece
+                    piece, n = None, 0
+            if n:
+                yield Rows(version, piece.face_ids[:n], piece.identity_ids[:n], piece.vectors[:n])
+
+    @staticmethod
+    def _snapshot_head(tx, gallery_id: int) -> Optional[tuple]:
+        """(version, face count) of a gallery, or None when it is gone."""
+        return tx.one("SELECT version, (SELECT count(*) FROM adaface_faces WHERE gallery_id = %s) "
+                      "FROM adaface_galleries WHERE id = %s", (gallery_id, gallery_id))
 
     def delta(self, gallery_id: int, after_version: int) -> Rows:
         # The changes are read before the faces: a face whose removal is among the changes read

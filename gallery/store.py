@@ -420,6 +420,14 @@ class GalleryStore(abc.ABC):
         """All of a gallery's faces and the version they are at (one consistent read)."""
 
     @abc.abstractmethod
+    def snapshot_chunks(self, gallery_id: int, rows: int = 4_096) -> Iterator:
+        """The same faces in pieces, from one consistent read that stays open while they are read:
+        first ``(version, face count)`` (:data:`DROPPED`, 0 for a gallery that is gone), then
+        :class:`Rows` of at most ``rows`` faces each, in id order. A search index loads a
+        gallery this way so that the float32 vectors are never all held at once (10 million
+        faces are 20 GB)."""
+
+    @abc.abstractmethod
     def delta(self, gallery_id: int, after_version: int) -> Rows:
         """The faces added or removed after ``after_version`` (see :class:`Rows`)."""
 

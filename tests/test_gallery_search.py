@@ -6,6 +6,7 @@ graph finds little, so only an exact search can agree with the float64 brute for
 cases run against SQLite and a real PostgreSQL without pgvector (with it, the database searches).
 """
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -14,10 +15,10 @@ import gallery.index as index_module
 from config import Settings, SettingsError
 from gallery import Galleries, NewFace
 from gallery.ann import Graph, SearchParams
-from gallery.index import SearchIndex
+from gallery.index import Indexes, SearchIndex
 from gallery.open import open_store
 from gallery.rescore import MemoryVectors
-from gallery.store import Rows
+from gallery.store import DROPPED, Rows
 from serving.gallery_state import GalleryState
 from test_gallery_support import BACKENDS, store_url, unit_vectors
 
@@ -77,12 +78,16 @@ def loaded(params: SearchParams, face_ids, identity_ids, faces, source=None) -> 
 
 
 @pytest.mark.slow
-def test_graph_recall_against_exact_search():
+@pytest.mark.parametrize("segment_faces", [None, 6_000], ids=["one-segment", "four-segments"])
+def test_graph_recall_against_exact_search(segment_faces):
     face_ids, owners, faces, _, probes = structured(5000, 4, 200)
-    index = SearchIndex(1, params=graph_params(1000))
+    params = graph_params(1000) if segment_faces is None else SearchParams(ann_min_faces=1000,
+                                                                           segment_faces=segment_faces)
+    index = SearchIndex(1, params=params)
     index.load_chunks(1, [(face_ids[s:s + 5000], owners[s:s + 5000], faces[s:s + 5000])
                           for s in range(0, len(faces), 5000)], len(faces))
     assert index.kind == "hnsw" and len(index) == 20_000 and len(index.graph) == 20_000
+    assert index.graph.segments == (1 if segment_faces is None else 4)
     found = index.search(probes, top_k=5)
     expected = [brute_force(face_ids, owners, faces, p, 5) for p in probes]
     recall = np.mean([f[0].identity_id == e[0][0] for f, e in zip(found, expected)])
@@ -165,6 +170,47 @@ def enroll_structured(store, gallery: str, identities: int, per_identity: int, s
 def exact_reference(store, gallery: str, probe: np.ndarray, top_k: int) -> list:
     rows = store.snapshot(store.get_gallery(gallery).id)
     return brute_force(rows.face_ids, rows.identity_ids, rows.vectors, probe, top_k)
+
+
+def test_a_snapshot_in_pieces_is_the_snapshot(url):
+    store = open_store(url)
+    try:
+        enroll_structured(store, "g", 30, 3)
+        gallery_id = store.get_gallery("g").id
+        whole = store.snapshot(gallery_id)
+        pieces = store.snapshot_chunks(gallery_id, rows=7)
+        assert next(pieces) == (whole.version, 90)
+        rows = list(pieces)
+        assert [len(r.face_ids) for r in rows] == [7] * 12 + [6]
+        assert all(r.version == whole.version for r in rows)
+        for name in ("face_ids", "identity_ids", "vectors"):
+            assert np.array_equal(np.concatenate([getattr(r, name) for r in rows]), getattr(whole, name))
+        store.delete_gallery("g")
+        assert list(store.snapshot_chunks(gallery_id)) == [(DROPPED, 0)]
+    finally:
+        store.close()
+
+
+def test_a_gallery_loads_without_holding_all_its_float32_vectors(tmp_path):
+    """The service loads a gallery's faces piece by piece into the float16 rows: ten million faces
+    are 20 GB of float32, which a replica never holds at once (numpy's arrays are traced)."""
+    store = open_store(f"sqlite:///{tmp_path}/g.db")
+    try:
+        probes, names = enroll_structured(store, "g", 10_000, 4)
+        float32_bytes = 40_000 * 512 * 4
+        indexes = Indexes(store, FLOAT16)
+        tracemalloc.start()
+        try:
+            index = indexes.index("g")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(index) == 40_000 and index.kind == "float16"
+        assert 40_000 * 512 * 2 < peak < float32_bytes, peak           # the float16 rows, not float32
+        assert [hits[0].identity_id for hits in index.search(probes, 1)] == \
+            [store.get_identity("g", name).id for name in names]
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("min_faces", [0, 100], ids=["float16", "hnsw"])
@@ -259,6 +305,32 @@ def test_every_face_of_a_small_graph_is_reachable():
         found = graph.search(faces, 10, 128)
         missed += sum(face_id not in row for face_id, row in zip(range(1, 301), found))
     assert missed == 0
+
+
+def test_a_graph_holds_its_faces_in_segments():
+    """Past ``segment_faces`` a graph opens another segment; a probe walks every segment, and a
+    removal or a re-added face reaches the segment that holds it."""
+    faces = unit_vectors(1300, seed=21)
+    graph = Graph(SearchParams(ann_min_faces=1, segment_faces=500))
+    graph.add(np.arange(1, 701), faces[:700])
+    graph.add(np.arange(650, 1301), faces[649:])            # 650..700 already held: skipped
+    assert graph.segments == 3 and len(graph) == 1300
+    assert [len(segment) for segment in graph._segments] == [500, 500, 300]
+    found = graph.search(faces, 5, 64)
+    assert all(row[0] == face_id for face_id, row in zip(range(1, 1301), found))
+    gone = np.array([10, 600, 1250])
+    graph.remove(np.concatenate([gone, [5000]]))            # 5000 was never held
+    assert len(graph) == 1297 and not graph.holds(gone).any() and graph.holds(np.array([11, 601])).all()
+    assert not any(np.isin(row, gone).any() for row in graph.search(faces[gone - 1], 5, 64))
+    moved = unit_vectors(1, seed=22)
+    graph.add(np.array([600]), moved)                       # back, with another vector, in the last segment
+    assert graph.holds(np.array([600])).all() and graph.search(moved, 1, 64)[0][0] == 600
+    assert [len(segment) for segment in graph._segments] == [499, 499, 300]
+    assert graph.nbytes >= sum(int(segment.memory_usage) for segment in graph._segments[:1]) > 0
+    with pytest.raises(ValueError):
+        SearchParams(segment_faces=0)
+    with pytest.raises(ValueError):
+        SearchParams(search_threads=-1)
 
 
 def test_a_delta_naming_new_faces_during_a_build_removes_nothing_from_the_graph(monkeypatch):
