@@ -85,12 +85,8 @@ DEFAULT_TOP_K = 5
 #: gallery faces from which search goes through an HNSW graph instead of the float16 scan
 DEFAULT_ANN_MIN_FACES = 200_000
 #: the HNSW search's candidate list (gallery/ann.py): more is slower and finds more of the true
-#: nearest faces; 0 chooses by the graph's segments: 80 for one (recall@1 0.997 at 1.8 ms a probe
-#: in a million faces), 64 for several (a probe walks each; ten million faces: 8.2 ms at 0.993)
-DEFAULT_ANN_EXPANSION_SEARCH = 0
-#: what 0 chooses for a graph of one segment, and of several (docs/galleries.md)
-ANN_EXPANSION_ONE_SEGMENT = 80
-ANN_EXPANSION_SEGMENTS = 64
+#: nearest faces; 80 gives recall@1 0.997 at 1.8 ms a probe in a million faces (docs/galleries.md)
+DEFAULT_ANN_EXPANSION_SEARCH = 80
 #: the most faces one segment of an HNSW graph holds; larger galleries hold several segments,
 #: each built and searched as a million-face graph is (gallery/ann.py)
 DEFAULT_ANN_SEGMENT_FACES = 1_000_000

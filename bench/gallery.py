@@ -1,6 +1,6 @@
 """Identify's search on large synthetic galleries: latency, recall against exact search, memory, build.
 
-    python bench/gallery.py [--sizes 1000000] [--store file|sqlite] [--ef 0,64,128,256] [--rank 64]
+    python bench/gallery.py [--sizes 1000000] [--store file|sqlite] [--ef 64,128,256] [--rank 64]
                             [--per-identity 4] [--probes 300] [--top-k 5] [--min-faces 200000]
                             [--connectivity 16] [--expansion-add 96] [--dtype i8] [--segment-faces 1000000]
                             [--search-threads 0] [--folder DIR] [--json]
@@ -33,8 +33,7 @@ the code's 1,000,000; a probe walks them all on ``--search-threads`` threads, 0:
 a progress line goes to stderr every million faces), build or load time, the index's own bytes and the
 process's resident memory (VmRSS; RssAnon is the process's own memory, RssFile the mapped files
 and libraries; VmHWM the peak), the exact search's time for all probes at once; then per
-``expansion_search`` (``--ef``, graph indexes; 0 is the service's default, which chooses by
-the graph's segments, and ``walk_ef`` says what it chose) the median and 99th percentile per probe (one probe
+``expansion_search`` (``--ef``, graph indexes) the median and 99th percentile per probe (one probe
 per call) and recall@1: how often the identity ranked first is the exact float32 answer's first.
 The exact answer comes from scoring every chunk against the probes as it is made; the index's
 own ``exact=True`` search is checked against it.
@@ -206,8 +205,6 @@ def sweep(index, search, efs: list, probes: np.ndarray, truth: Truth, identity_o
             index.params = replace(index.params, expansion_search=ef)
         times, results = per_probe_ms(search, probes)
         rows.append(timing_row(ef, times, results, truth, identity_of))
-        if ef is not None:      # what the walks used (ef 0 is chosen by the graph's segments)
-            rows[-1]["walk_ef"] = index.params.expansion(index.graph.segments)
     return rows
 
 
@@ -305,8 +302,6 @@ def print_result(r: dict) -> None:
     print(f"  exact search, all probes at once: {r['exact_s']:.1f} s; agrees with the truth: {r['exact_agrees']:.3f}")
     for s in r["searches"] + ([dict(r["identify"], ef=f"{r['identify']['ef']} (identify)")] if "identify" in r else []):
         label = "float16 scan" if s["ef"] is None else f"ef {s['ef']}"
-        if s["ef"] == 0:
-            label = f"ef 0 (chose {s['walk_ef']})"
         print(f"  {label:>18}: p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  recall@1 {s['recall_at_1']:.3f}")
 
 
@@ -314,8 +309,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000000")
     parser.add_argument("--store", choices=("file", "sqlite"), default="file")
-    parser.add_argument("--ef", default="0,64,128,256",
-                        help="expansion_search values to time (graph indexes; 0: the default, chosen by the segments)")
+    parser.add_argument("--ef", default="64,128,256", help="expansion_search values to time (graph indexes)")
     parser.add_argument("--rank", type=int, default=64, help="dimension the identity centres span (512: isotropic)")
     parser.add_argument("--per-identity", type=int, default=4)
     parser.add_argument("--probes", type=int, default=300)

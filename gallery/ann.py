@@ -16,13 +16,10 @@ The defaults were chosen with ``bench/gallery.py`` on a 2-core machine (docs/gal
   it took recall@1 at ``expansion_search`` 64 from about 0.95 (``expansion_add`` 40) to 0.990, and
   the build from 281 s to 629 s on two cores (it runs in the background while the float16 scan
   serves).
-- ``expansion_search`` (ef; ``ADAFACE_ANN_EXPANSION_SEARCH``): the search's candidate list,
-  the knob that trades time for recall. 0 (the default) chooses by the graph's segments: 80 for
-  one (1.8 ms a probe at recall@1 0.997 in a million faces), 64 for several. A probe walks every
-  segment but the face it looks for lies in one, so the recall is about that of one
-  million-face walk while the time grows with the segments: ten million faces took 13 ms at 80
-  and 8.2 ms at 64 (recall@1 0.993; docs/galleries.md). usearch never walks with fewer than the
-  candidates asked for (64), so less than 64 changes nothing.
+- ``expansion_search`` 80 (ef; ``ADAFACE_ANN_EXPANSION_SEARCH``): the search's candidate list,
+  the knob that trades time for recall: 1.8 ms a probe at recall@1 0.997 in a million faces; ten
+  million faces need more (docs/galleries.md). usearch never walks with fewer than the
+  candidates asked for.
 - ``dtype`` ``i8``: half the memory of ``f16`` (ten million faces fit in about 8 GB instead of
   13) and cheaper distances; its coarser scores only steer the walk, the rescoring is float32.
 - ``segment_faces`` 1,000,000: a graph holds its faces in segments of at most this many, each
@@ -38,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adaface.options import (ANN_EXPANSION_ONE_SEGMENT, ANN_EXPANSION_SEGMENTS, DEFAULT_ANN_EXPANSION_SEARCH,
-                             DEFAULT_ANN_MIN_FACES, DEFAULT_ANN_SEGMENT_FACES, EMBEDDING_SIZE)
+from adaface.options import (DEFAULT_ANN_EXPANSION_SEARCH, DEFAULT_ANN_MIN_FACES, DEFAULT_ANN_SEGMENT_FACES,
+                             EMBEDDING_SIZE)
 
 #: how the graph may hold its vectors
 GRAPH_DTYPES = ("i8", "f16")
@@ -57,8 +54,7 @@ class SearchParams:
     float16 scan serves every size). ``candidates``: faces rescored in float32 per probe, at
     least (``8 * top_k`` when that is more). ``build_threads``: threads adding faces to a graph
     (0: all cores). ``segment_faces``: the most faces one segment of a graph holds (a probe
-    walks every segment, on ``search_threads`` threads: 0, all cores). ``expansion_search``: 0
-    chooses by the segments (:meth:`expansion`).
+    walks every segment, on ``search_threads`` threads: 0, all cores).
     """
 
     ann_min_faces: int = DEFAULT_ANN_MIN_FACES
@@ -74,20 +70,11 @@ class SearchParams:
     def __post_init__(self):
         if self.dtype not in GRAPH_DTYPES:
             raise ValueError(f"graph dtype {self.dtype!r}: use one of {', '.join(GRAPH_DTYPES)}")
-        for name in ("ann_min_faces", "build_threads", "search_threads", "expansion_search"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more")
-        for name in ("connectivity", "expansion_add", "candidates", "segment_faces"):
+        if self.ann_min_faces < 0 or self.build_threads < 0 or self.search_threads < 0:
+            raise ValueError("ann_min_faces, build_threads and search_threads must be 0 or more")
+        for name in ("connectivity", "expansion_add", "expansion_search", "candidates", "segment_faces"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-
-    def expansion(self, segments: int) -> int:
-        """The candidate list a walk of a graph of ``segments`` segments uses: ``expansion_search``,
-        or when that is 0, :data:`ANN_EXPANSION_ONE_SEGMENT` for one segment and
-        :data:`ANN_EXPANSION_SEGMENTS` for more."""
-        if self.expansion_search:
-            return self.expansion_search
-        return ANN_EXPANSION_ONE_SEGMENT if segments <= 1 else ANN_EXPANSION_SEGMENTS
 
     def wants_graph(self, faces: int) -> bool:
         """Whether a gallery of ``faces`` faces is searched through a graph."""
@@ -117,7 +104,7 @@ class Graph:
         from usearch.index import Index
         segment = Index(ndim=EMBEDDING_SIZE, metric="cos", dtype=self.params.dtype,
                         connectivity=self.params.connectivity, expansion_add=self.params.expansion_add,
-                        expansion_search=ANN_EXPANSION_ONE_SEGMENT)
+                        expansion_search=self.params.expansion_search)
         self._segments.append(segment)
         self._together = None
         return segment

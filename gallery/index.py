@@ -344,7 +344,7 @@ class SearchIndex:
         return results
 
     def _graph_hits(self, probes: np.ndarray, count: int, top_k: int) -> list:
-        candidates = self._graph.search(probes, count, self.params.expansion(self._graph.segments))
+        candidates = self._graph.search(probes, count, self.params.expansion_search)
         return self._rescore(candidates, probes, top_k)
 
     def _rescore(self, candidates: list, probes: np.ndarray, top_k: int) -> list:

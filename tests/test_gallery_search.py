@@ -333,24 +333,6 @@ def test_a_graph_holds_its_faces_in_segments():
         SearchParams(search_threads=-1)
 
 
-def test_the_default_walk_is_shorter_when_a_graph_has_segments():
-    """``expansion_search`` 0 walks 80 candidates in a graph of one segment and 64 in one of
-    several (each probe walks every segment); a set value holds at every size."""
-    chosen = SearchParams()
-    assert chosen.expansion_search == 0
-    assert (chosen.expansion(1), chosen.expansion(2), chosen.expansion(10)) == (80, 64, 64)
-    assert SearchParams(expansion_search=33).expansion(10) == 33
-    with pytest.raises(ValueError):
-        SearchParams(expansion_search=-1)
-    faces = unit_vectors(700, seed=23)
-    for segment_faces, walked in ((1000, 80), (300, 64)):
-        index = loaded(SearchParams(ann_min_faces=1, segment_faces=segment_faces), np.arange(1, 701),
-                       np.arange(1, 701), faces)
-        hits = index.search(faces[:3], 1)
-        assert [h[0].face_id for h in hits] == [1, 2, 3]
-        assert {segment.expansion_search for segment in index.graph._segments} == {walked}
-
-
 def test_a_delta_naming_new_faces_during_a_build_removes_nothing_from_the_graph(monkeypatch):
     """A delta's ``touched`` lists the faces it adds too; while a graph is built, only faces the
     index held count as removed, so the swap does not take new faces out of the graph and put
