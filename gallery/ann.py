@@ -17,8 +17,8 @@ The defaults were chosen with ``bench/gallery.py`` on a 2-core machine (docs/gal
   the build from 281 s to 629 s on two cores (it runs in the background while the float16 scan
   serves).
 - ``expansion_search`` 80 (ef; ``ADAFACE_ANN_EXPANSION_SEARCH``): the search's candidate list,
-  the knob that trades time for recall: 1.8 ms a probe at recall@1 0.997 in a million faces; ten
-  million faces need more (docs/galleries.md). usearch never walks with fewer than the
+  the knob that trades time for recall: 1.8 ms a probe at recall@1 0.997 in a million faces; 13.5 ms
+  at 0.994 in ten million (ten segments; docs/galleries.md). usearch never walks with fewer than the
   candidates asked for.
 - ``dtype`` ``i8``: half the memory of ``f16`` (ten million faces fit in about 8 GB instead of
   13) and cheaper distances; its coarser scores only steer the walk, the rescoring is float32.
