@@ -85,9 +85,9 @@ class Settings:
     gallery_url: str = "sqlite:///data/gallery.db"  # sqlite:///path (relative: from the repo) or postgresql://...
     identify_threshold: float = opt.DEFAULT_IDENTIFY_THRESHOLD  # similarity at or above which identify says
                                             # "match"; its own setting: raise it for large galleries (see `calibrate`)
-    ann_expansion_search: int = opt.DEFAULT_ANN_EXPANSION_SEARCH  # the HNSW search's candidate list: more is
+    ann_nprobe: int = opt.DEFAULT_ANN_NPROBE  # the inverted file's lists scanned per probe: more is
                                             # slower and finds more of the true nearest faces
-    ann_min_faces: int = opt.DEFAULT_ANN_MIN_FACES  # gallery faces from which search walks an HNSW graph
+    ann_min_faces: int = opt.DEFAULT_ANN_MIN_FACES  # gallery faces from which search uses an inverted file
                                             # (approximate, rescored in float32); 0: always the float16 scan
     store_crops: bool = True                # keep each enrolled face's aligned crop (PNG): what a re-embed needs
     api_keys: str = ""                      # comma-separated keys (or sha256:<hex> of them), each with every scope
@@ -207,7 +207,7 @@ _BOUNDS = {"max_faces": opt.MAX_FACES, "min_face_size": opt.MIN_FACE_SIZE, "max_
 _NOT_NEGATIVE = ("threads", "detect_max_side", "max_detect", "max_batch", "max_wait_ms", "malloc_arenas",
                  "onednn_cache", "ann_min_faces")
 _POSITIVE = ("max_body_bytes", "max_images", "max_queue", "workers", "timeout", "pixel_budget", "large_image",
-             "body_timeout", "ann_expansion_search")
+             "body_timeout", "ann_nprobe")
 #: ADAFACE_* variables that are not settings but are read by the tests (their data folder, the
 #: browser of the console's tests, where their screenshots go)
 OTHER_VARIABLES = {PREFIX + "TEST_DATA", PREFIX + "CHROMIUM", PREFIX + "TEST_ARTIFACTS"}

@@ -54,7 +54,7 @@ def create_app(config: Settings | dict | None = None, extractor: AdaFaceFeature 
     service = Service(settings, extractor, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     app.extensions["adaface"] = service
     app.extensions["adaface_gallery"] = GalleryState(settings.gallery_store_url(), settings.ann_min_faces,
-                                                          settings.ann_expansion_search)
+                                                          settings.ann_nprobe)
     app.extensions["adaface_reembed"] = ReembedJobs(app.extensions["adaface_gallery"])
     errors.register(app)
     hooks.install(app, service)

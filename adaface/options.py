@@ -82,14 +82,11 @@ PIXEL_CEILING = Bound(1, 178_956_970)
 DEFAULT_VERIFY_THRESHOLD = 0.35
 DEFAULT_IDENTIFY_THRESHOLD = 0.35
 DEFAULT_TOP_K = 5
-#: gallery faces from which search goes through an HNSW graph instead of the float16 scan
+#: gallery faces from which search goes through an inverted file (IVF-PQ) instead of the float16 scan
 DEFAULT_ANN_MIN_FACES = 200_000
-#: the HNSW search's candidate list (gallery/ann.py): more is slower and finds more of the true
-#: nearest faces; 80 gives recall@1 0.997 at 1.8 ms a probe in a million faces (docs/galleries.md)
-DEFAULT_ANN_EXPANSION_SEARCH = 80
-#: the most faces one segment of an HNSW graph holds; larger galleries hold several segments,
-#: each built and searched as a million-face graph is (gallery/ann.py)
-DEFAULT_ANN_SEGMENT_FACES = 1_000_000
+#: the inverted file's lists scanned per probe (gallery/ann.py): more is slower and finds more of
+#: the true nearest faces (docs/galleries.md)
+DEFAULT_ANN_NPROBE = 32
 DEFAULT_LIST_LIMIT = 100
 #: faces per network forward when none is configured, by device type
 DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}

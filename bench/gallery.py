@@ -1,15 +1,14 @@
 """Identify's search on large synthetic galleries: latency, recall against exact search, memory, build.
 
-    python bench/gallery.py [--sizes 1000000] [--store file|sqlite] [--ef 64,128,256] [--rank 64]
+    python bench/gallery.py [--sizes 1000000] [--store file|sqlite] [--nprobe 16,32,64] [--rank 64]
                             [--per-identity 4] [--probes 300] [--top-k 5] [--min-faces 200000]
-                            [--connectivity 16] [--expansion-add 96] [--dtype i8] [--segment-faces 1000000]
-                            [--search-threads 0] [--folder DIR] [--json]
+                            [--max-lists 4096] [--folder DIR] [--json]
 
 **The galleries** have identity structure. Each identity has a centre ``c = normalise(B z)``,
 ``z ~ N(0, I_rank)`` with ``B`` a fixed orthonormal 512 x ``rank`` basis: trained face models
 fill a low-dimensional part of the sphere, and ``--rank 64`` gives different-identity face
-cosines of mean 0 and standard deviation 0.08 (``--rank 512`` is isotropic, the worst case for a
-graph, where nothing but the right identity is near a probe). Each face is
+cosines of mean 0 and standard deviation 0.08 (``--rank 512`` is isotropic, the worst case for an
+approximate index, where nothing but the right identity is near a probe). Each face is
 ``normalise(c + s n / sqrt(512))`` with ``n ~ N(0, I_512)`` and ``s`` uniform in [0.65, 1.0],
 so two faces of one identity have cosine 0.5 to 0.7. ``--per-identity`` faces per identity.
 Probes are new faces (fresh noise) of enrolled identities, so each has a right answer.
@@ -24,16 +23,15 @@ ten million faces are 20 GB of float32, more than the machine's memory.
   built straight from the chunks (``SearchIndex.load_chunks``), never holding a float16 copy.
 - ``--store sqlite``: every face enrolled in a real SQLite store through ``GalleryStore.enroll``
   (about 1 ms per identity), then loaded as the service loads it (``Indexes.index``: the store's
-  snapshot, the float16 matrix, the graph built in the background), and searched through
+  snapshot, the float16 matrix, the inverted file built in the background), and searched through
   ``Indexes.search`` (the version check, the search, the rescoring read) and ``Galleries.identify``
   (plus the candidates' names).
 
-**Reported** per size: the index kind (and its graph's segments: ``--segment-faces``, default
-the code's 1,000,000; a probe walks them all on ``--search-threads`` threads, 0: every core;
+**Reported** per size: the index kind (and its inverted file's lists, at most ``--max-lists``;
 a progress line goes to stderr every million faces), build or load time, the index's own bytes and the
 process's resident memory (VmRSS; RssAnon is the process's own memory, RssFile the mapped files
 and libraries; VmHWM the peak), the exact search's time for all probes at once; then per
-``expansion_search`` (``--ef``, graph indexes) the median and 99th percentile per probe (one probe
+``nprobe`` (``--nprobe``: lists scanned, inverted-file indexes) the median and 99th percentile per probe (one probe
 per call) and recall@1: how often the identity ranked first is the exact float32 answer's first.
 The exact answer comes from scoring every chunk against the probes as it is made; the index's
 own ``exact=True`` search is checked against it.
@@ -127,8 +125,10 @@ class FileVectors:
         ids = np.unique(np.asarray(face_ids, np.int64))
         if len(ids) == 0:
             return ids, np.zeros((0, DIM), np.float32)
-        runs = np.split(ids, np.flatnonzero(np.diff(ids) != 1) + 1)
-        data = b"".join(os.pread(self._fd, len(run) * ROW_BYTES, int(run[0] - 1) * ROW_BYTES) for run in runs)
+        breaks = (np.flatnonzero(np.diff(ids) != 1) + 1).tolist()      # one pread per run of consecutive ids
+        firsts = ids[[0] + breaks].tolist()
+        data = b"".join(os.pread(self._fd, (end - start) * ROW_BYTES, (first - 1) * ROW_BYTES)
+                        for start, end, first in zip([0] + breaks, breaks + [len(ids)], firsts))
         return ids, np.frombuffer(data, "<f4").reshape(len(ids), DIM).copy()
 
     def close(self) -> None:
@@ -175,8 +175,8 @@ def watched(chunks, truth: Truth, sink, spent: list, every: int = 1_000_000):
 def per_probe_ms(fn, probes: np.ndarray) -> tuple:
     """(times in ms, results): ``fn`` called once per probe, after an untimed pass over them all.
 
-    The first sweep after a build read up to 1.8 times slower than the same sweep repeated, with
-    two or even 50 warm-up calls (the new graph's pages, caches); one untimed pass costs a second."""
+    The first sweep after a build can read slower than the same sweep repeated (the new index's
+    pages, caches); one untimed pass costs a second."""
     for j in range(len(probes)):
         fn(probes[j:j + 1])
     times, results = [], []
@@ -191,20 +191,20 @@ def recall_at_1(results: list, truth: Truth, identity_of=lambda h: h.identity_id
     return float(np.mean([bool(r) and identity_of(r[0]) == t for r, t in zip(results, truth.identity)]))
 
 
-def timing_row(ef, times: list, results: list, truth: Truth, identity_of=lambda h: h.identity_id) -> dict:
+def timing_row(nprobe, times: list, results: list, truth: Truth, identity_of=lambda h: h.identity_id) -> dict:
     ordered = sorted(times)
-    return {"ef": ef, "p50_ms": statistics.median(times), "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    return {"nprobe": nprobe, "p50_ms": statistics.median(times), "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
             "recall_at_1": recall_at_1(results, truth, identity_of)}
 
 
-def sweep(index, search, efs: list, probes: np.ndarray, truth: Truth, identity_of=lambda h: h.identity_id) -> list:
-    """Per-probe timing and recall at each expansion_search (once for a float16 index)."""
+def sweep(index, search, nprobes: list, probes: np.ndarray, truth: Truth, identity_of=lambda h: h.identity_id) -> list:
+    """Per-probe timing and recall at each nprobe (once for a float16 index)."""
     rows = []
-    for ef in (efs if index.kind == "hnsw" else [None]):
-        if ef is not None:
-            index.params = replace(index.params, expansion_search=ef)
+    for nprobe in (nprobes if index.kind == "ivf" else [None]):
+        if nprobe is not None:
+            index.params = index.ann.params = replace(index.params, nprobe=nprobe)
         times, results = per_probe_ms(search, probes)
-        rows.append(timing_row(ef, times, results, truth, identity_of))
+        rows.append(timing_row(nprobe, times, results, truth, identity_of))
     return rows
 
 
@@ -230,10 +230,10 @@ def bench_file(gen: Synthetic, params, args, folder: Path) -> dict:
         index.load_chunks(1, watched(gen.chunks(), truth, lambda c: out.write(c[2].tobytes()), spent), gen.size)
         total = time.perf_counter() - began
     result = {"faces": gen.size, "store": "float32 file (stand-in for the store)", "kind": index.kind,
-              "segments": index.graph.segments if index.graph is not None else 0,
+              "lists": index.ann.lists if index.ann is not None else 0,
               "build_s": total - spent[0], "generate_s": spent[0], "index_mib": index.nbytes / 2 ** 20,
               "memory_before_mib": before, "memory_mib": memory_mib()}
-    result["searches"] = sweep(index, lambda p: index.search(p, args.top_k), args.efs, probes, truth)
+    result["searches"] = sweep(index, lambda p: index.search(p, args.top_k), args.nprobes, probes, truth)
     result.update(exact_check(index, probes, truth, args.top_k))
     result["memory_after_mib"] = memory_mib()
     source.close()
@@ -272,13 +272,13 @@ def bench_sqlite(gen: Synthetic, params, args, folder: Path) -> dict:
     index.wait_built()
     built = time.perf_counter() - began
     result = {"faces": gen.size, "store": "sqlite", "kind": index.kind, "fill_s": fill_s, "load_s": loaded,
-              "segments": index.graph.segments if index.graph is not None else 0,
+              "lists": index.ann.lists if index.ann is not None else 0,
               "build_s": built, "index_mib": index.nbytes / 2 ** 20, "memory_before_mib": before,
               "memory_mib": memory_mib()}
-    result["searches"] = sweep(index, lambda p: galleries.indexes.search("bench", p, args.top_k), args.efs, probes, truth)
+    result["searches"] = sweep(index, lambda p: galleries.indexes.search("bench", p, args.top_k), args.nprobes, probes, truth)
     names = {f"p{i}": i for i in truth.identity}
     times, found = per_probe_ms(lambda p: galleries.identify("bench", p, args.top_k), probes)
-    result["identify"] = timing_row(index.params.expansion_search, times, found, truth,
+    result["identify"] = timing_row(index.params.nprobe, times, found, truth,
                                     lambda c: names.get(c.identity, -1))
     result.update(exact_check(index, probes, truth, args.top_k))
     result["memory_after_mib"] = memory_mib()
@@ -288,10 +288,10 @@ def bench_sqlite(gen: Synthetic, params, args, folder: Path) -> dict:
 
 def print_result(r: dict) -> None:
     m = r["memory_mib"]
-    segments = f" in {r['segments']} segments" if r.get("segments", 0) > 1 else ""
-    print(f"\n{r['faces']:,} faces, {r['kind']} index{segments}, vectors from: {r['store']}")
+    lists = f" of {r['lists']:,} lists" if r.get("lists", 0) else ""
+    print(f"\n{r['faces']:,} faces, {r['kind']} index{lists}, vectors from: {r['store']}")
     if "fill_s" in r:
-        print(f"  filled the store in {r['fill_s']:.0f} s; loaded in {r['load_s']:.1f} s, graph built after "
+        print(f"  filled the store in {r['fill_s']:.0f} s; loaded in {r['load_s']:.1f} s, inverted file built after "
               f"{r['build_s']:.0f} s")
     else:
         print(f"  built in {r['build_s']:.0f} s ({r['faces'] / max(r['build_s'], 1e-9):,.0f} faces/s; making the "
@@ -300,8 +300,9 @@ def print_result(r: dict) -> None:
           f"files {m['RssFile']:,.0f}), peak {m['VmHWM']:,.0f} MiB; after searching RSS "
           f"{r['memory_after_mib']['VmRSS']:,.0f} MiB")
     print(f"  exact search, all probes at once: {r['exact_s']:.1f} s; agrees with the truth: {r['exact_agrees']:.3f}")
-    for s in r["searches"] + ([dict(r["identify"], ef=f"{r['identify']['ef']} (identify)")] if "identify" in r else []):
-        label = "float16 scan" if s["ef"] is None else f"ef {s['ef']}"
+    for s in r["searches"] + ([dict(r["identify"], nprobe=f"{r['identify']['nprobe']} (identify)")]
+                              if "identify" in r else []):
+        label = "float16 scan" if s["nprobe"] is None else f"nprobe {s['nprobe']}"
         print(f"  {label:>18}: p50 {s['p50_ms']:6.2f} ms  p99 {s['p99_ms']:6.2f} ms  recall@1 {s['recall_at_1']:.3f}")
 
 
@@ -309,25 +310,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000000")
     parser.add_argument("--store", choices=("file", "sqlite"), default="file")
-    parser.add_argument("--ef", default="64,128,256", help="expansion_search values to time (graph indexes)")
+    parser.add_argument("--nprobe", default="16,32,64", help="lists scanned per probe, values to time (inverted files)")
     parser.add_argument("--rank", type=int, default=64, help="dimension the identity centres span (512: isotropic)")
     parser.add_argument("--per-identity", type=int, default=4)
     parser.add_argument("--probes", type=int, default=300)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--min-faces", type=int, default=None, help="ann_min_faces (default: the code's)")
-    parser.add_argument("--connectivity", type=int, default=None)
-    parser.add_argument("--expansion-add", type=int, default=None)
-    parser.add_argument("--dtype", choices=("i8", "f16"), default=None)
-    parser.add_argument("--segment-faces", type=int, default=None, help="the most faces a graph segment holds")
-    parser.add_argument("--search-threads", type=int, default=None, help="threads a probe's segments are searched on (0: all)")
+    parser.add_argument("--max-lists", type=int, default=None, help="the most lists an inverted file has")
     parser.add_argument("--folder", default=None, help="where the vectors file or database goes (default: a temp folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    args.efs = [int(e) for e in args.ef.split(",")]
+    args.nprobes = [int(e) for e in args.nprobe.split(",")]
     from gallery.ann import SearchParams
-    chosen = {"ann_min_faces": args.min_faces, "connectivity": args.connectivity,
-              "expansion_add": args.expansion_add, "dtype": args.dtype, "segment_faces": args.segment_faces,
-              "search_threads": args.search_threads}
+    chosen = {"ann_min_faces": args.min_faces, "max_lists": args.max_lists}
     params = SearchParams(**{k: v for k, v in chosen.items() if v is not None})
     results = []
     with tempfile.TemporaryDirectory(dir=args.folder, prefix="adaface-bench-") as folder:

@@ -156,7 +156,7 @@ def _text_line(record: dict) -> str:
 def _search(ctx) -> SearchParams:
     """The in-memory search as the settings configure it."""
     settings = ctx.settings()
-    return SearchParams(ann_min_faces=settings.ann_min_faces, expansion_search=settings.ann_expansion_search)
+    return SearchParams(ann_min_faces=settings.ann_min_faces, nprobe=settings.ann_nprobe)
 
 
 def cmd_identify(args, ctx) -> int:

@@ -4,7 +4,7 @@
   factory over the backends :mod:`gallery.sqlite_store` (``sqlite:///path``) and
   :mod:`gallery.postgres_store` (``postgresql://...``), which share their SQL and schema in
   :mod:`gallery.sql`.
-- :mod:`gallery.index`: in-memory cosine search (a float16 scan, or an HNSW graph from
+- :mod:`gallery.index`: in-memory cosine search (a float16 scan, or an inverted file from
   :mod:`gallery.ann` for large galleries; rescored in float32 by :mod:`gallery.rescore`), kept in
   step with the store.
 - :mod:`gallery.galleries`: the two together, as the HTTP routes (``serving/routes/galleries.py``)

@@ -11,14 +11,14 @@ once, with its best face.
   known bound of the float32 ones (:data:`gallery.half.SCORE_ERROR`), so the rescored answer is
   checked against it, and when a face outside the candidates could still belong in the answer,
   every face that could is rescored too: the answer is the exact float32 one.
-- **HNSW graph** (from :attr:`SearchParams.ann_min_faces` faces): usearch's graph
-  (:class:`gallery.ann.Graph`, about 0.7 KiB per face with int8 vectors, in segments of at most
-  :attr:`SearchParams.segment_faces` faces, all walked for each probe) gives the candidates;
-  approximate (recall against the exact answer measured in docs/galleries.md). When a float16
-  index grows to the threshold, the graph is built in a native thread while the float16 scan
-  keeps serving, then takes its place and the matrix is freed.
-- ``exact=True`` returns the exact float32 answer from either: the float16 scan already does; a
-  graph index reads every vector from the store in chunks and scores them all
+- **inverted file** (from :attr:`SearchParams.ann_min_faces` faces): faiss's IVF-PQ index
+  (:class:`gallery.ann.InvertedFile`, about 40 bytes per face: a 32-byte code and the id; the
+  ``nprobe`` nearest of its lists scanned for each probe) gives the candidates; approximate
+  (recall against the exact answer measured in docs/galleries.md). When a float16 index grows to
+  the threshold, the inverted file is trained and filled in a native thread while the float16
+  scan keeps serving, then takes its place and the matrix is freed.
+- ``exact=True`` returns the exact float32 answer from either: the float16 scan already does; an
+  inverted-file index reads every vector from the store in chunks and scores them all
   (:func:`gallery.rescore.exhaustive`; seconds per million faces, see docs/galleries.md).
 
 :class:`Indexes` keeps one index per gallery and brings it up to date from the store's change
@@ -37,7 +37,7 @@ import numpy as np
 
 from adaface.threads import allocate_lock, start_new_thread
 
-from .ann import Graph, SearchParams, candidate_count
+from .ann import InvertedFile, SearchParams, candidate_count
 from .errors import GalleryNotFoundError
 from .half import HalfMatrix
 from .members import Members
@@ -49,10 +49,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Hit", "Indexes", "SearchIndex", "SearchParams"]
 
-#: float16 rows copied into the graph per step of a background build (16 MiB)
+#: float16 rows copied into the inverted file per step of a background build (16 MiB)
 BUILD_CHUNK = 16_384
-#: the most candidates a graph search asks for while looking for ``top_k`` distinct identities
-MAX_GRAPH_CANDIDATES = 4_096
+#: the most candidates an inverted-file search asks for while looking for ``top_k`` distinct identities
+MAX_ANN_CANDIDATES = 4_096
 
 
 class SearchIndex:
@@ -71,7 +71,7 @@ class SearchIndex:
         self.source = self._own if source is None else source
         self._members = Members()
         self._half: Optional[HalfMatrix] = HalfMatrix()
-        self._graph: Optional[Graph] = None
+        self._ann: Optional[InvertedFile] = None
         self._job: Optional[_Build] = None
         self._build_failed = False
         self._loading = False
@@ -84,25 +84,25 @@ class SearchIndex:
 
     @property
     def kind(self) -> str:
-        """``"hnsw"`` or ``"float16"``: how candidates are found now."""
-        return "hnsw" if self._graph is not None else "float16"
+        """``"ivf"`` or ``"float16"``: how candidates are found now."""
+        return "ivf" if self._ann is not None else "float16"
 
     @property
-    def graph(self) -> Optional[Graph]:
-        """The HNSW graph once there is one (read-only use: the index serialises changes)."""
-        return self._graph
+    def ann(self) -> Optional[InvertedFile]:
+        """The inverted file once there is one (read-only use: the index serialises changes)."""
+        return self._ann
 
     @property
     def building(self) -> bool:
-        """Whether a graph is being built in the background."""
+        """Whether an inverted file is being built in the background."""
         return self._job is not None
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the index (matrix or graph, ids, and its own vectors if any), in bytes."""
+        """Memory held by the index (matrix or inverted file, ids, and its own vectors if any), in bytes."""
         with self._lock:
             held = self._members.nbytes + (self._half.nbytes if self._half is not None else 0)
-            held += self._graph.nbytes if self._graph is not None else 0
+            held += self._ann.nbytes if self._ann is not None else 0
             return held + (self._own.nbytes if self._own is not None else 0)
 
     def face_ids(self) -> np.ndarray:
@@ -124,33 +124,34 @@ class SearchIndex:
                       np.asarray(vectors, np.float32))
 
     def load(self, rows: Rows) -> None:
-        """Replace everything with a snapshot; from the threshold on, a graph is built in the
-        background while the float16 scan serves."""
+        """Replace everything with a snapshot; from the threshold on, an inverted file is built in
+        the background while the float16 scan serves."""
         self.load_chunks(rows.version, [(rows.face_ids, rows.identity_ids, rows.vectors)], len(rows.face_ids),
-                         graph_now=False)
+                         ann_now=False)
 
     def load_snapshot(self, pieces: Iterator) -> None:
         """Replace everything with a snapshot read in pieces (:meth:`GalleryStore.snapshot_chunks`:
         ``(version, count)``, then :class:`Rows`): the float16 rows fill as the pieces arrive,
-        so only one piece of float32 is held at a time, then from the threshold on a graph is
-        built in the background while the float16 scan serves."""
+        so only one piece of float32 is held at a time, then from the threshold on an inverted
+        file is built in the background while the float16 scan serves."""
         try:
             version, count = next(pieces)
             self.load_chunks(version, ((r.face_ids, r.identity_ids, r.vectors) for r in pieces), count,
-                             graph_now=False)
+                             ann_now=False)
         finally:
             pieces.close()                   # ends the store's read at once, also on an error
 
-    def load_chunks(self, version: int, chunks: Iterable, total: int, graph_now: bool = True) -> None:
+    def load_chunks(self, version: int, chunks: Iterable, total: int, ann_now: bool = True) -> None:
         """Replace everything with ``chunks`` of (face ids, identity ids, float32 vectors), about
-        ``total`` faces in all. With ``graph_now`` and ``total`` at the threshold or above, the
-        graph is built here from the chunks, without a float16 copy (the way to load ten
-        million faces: only the graph and one chunk are ever held); otherwise the chunks fill
-        the float16 rows and a graph, if due, is built in the background once they are in."""
+        ``total`` faces in all. With ``ann_now`` and ``total`` at the threshold or above, the
+        inverted file is built here from the chunks, without a float16 copy (the way to load ten
+        million faces: only the inverted file, the training faces and one chunk are ever held);
+        otherwise the chunks fill the float16 rows and an inverted file, if due, is built in the
+        background once they are in."""
         with self._lock:
             self._reset()
-            if graph_now and self.params.wants_graph(total):
-                self._graph, self._half = Graph(self.params), None
+            if ann_now and self.params.wants_ann(total):
+                self._ann, self._half = InvertedFile(self.params), None
             else:
                 self._half.reserve(total)
             self._loading = True
@@ -158,6 +159,8 @@ class SearchIndex:
                 for face_ids, identity_ids, vectors in chunks:
                     self._add(np.asarray(face_ids, np.int64), np.asarray(identity_ids, np.int64),
                               np.asarray(vectors, np.float32))
+                if self._ann is not None:
+                    self._ann.finish()
             finally:
                 self._loading = False
             self.version = version
@@ -193,7 +196,7 @@ class SearchIndex:
         return False
 
     def _reset(self) -> None:
-        self._members, self._half, self._graph = Members(), HalfMatrix(), None
+        self._members, self._half, self._ann = Members(), HalfMatrix(), None
         self._job = None                       # a running build sees this and stops
         self._identity_count = None
         if self._own is not None:
@@ -206,8 +209,8 @@ class SearchIndex:
         self._identity_count = None
         if self._own is not None:
             self._own.put(face_ids, vectors)
-        if self._graph is not None:
-            self._graph.add(face_ids, vectors)
+        if self._ann is not None:
+            self._ann.add(face_ids, vectors)
             return
         self._half.add(face_ids, vectors)
         self._build_if_due()
@@ -216,7 +219,7 @@ class SearchIndex:
         """Start the background build once the float16 rows reach the threshold (lock held; not
         while a load is still adding them)."""
         if (self._half is not None and not self._loading and self._job is None and not self._build_failed
-                and self.params.wants_graph(len(self._half))):
+                and self.params.wants_ann(len(self._half))):
             self._start_build()
 
     def _remove(self, face_ids: np.ndarray) -> None:
@@ -229,8 +232,8 @@ class SearchIndex:
         self._identity_count = None
         if self._own is not None:
             self._own.drop(face_ids)
-        if self._graph is not None:
-            self._graph.remove(face_ids)
+        if self._ann is not None:
+            self._ann.remove(face_ids)
             return
         self._half.remove(face_ids)
         if self._job is not None:
@@ -239,35 +242,40 @@ class SearchIndex:
     # -- the background build ----------------------------------------------------------------
 
     def _start_build(self) -> None:
-        """Start building a graph from the float16 rows in a native thread (lock held)."""
+        """Start building an inverted file from the float16 rows in a native thread (lock held)."""
         if self._closed:
             return
         self._job = job = _Build()
-        logger.info("gallery %d: building an HNSW graph of %d faces in the background", self.gallery_id,
+        logger.info("gallery %d: building an inverted file of %d faces in the background", self.gallery_id,
                     len(self._half))
         start_new_thread(self._build, (job,))
 
     def _build(self, job: "_Build") -> None:
-        """Copy the rows into a new graph a chunk at a time (the lock held only to copy), then swap
-        it in; a reset or :meth:`close` meanwhile ends the build."""
+        """Copy the rows into a new inverted file a chunk at a time (the lock held only to copy),
+        train it once they are in (without the lock), then swap it in; a reset or :meth:`close`
+        meanwhile ends the build."""
         began = time.monotonic()
         try:
-            graph, built, start = Graph(self.params), [], 0
+            ann, built, start, finished = InvertedFile(self.params), [], 0, False
             while True:
                 with self._lock:
                     if self._closed or self._job is not job:
                         return
-                    if start >= len(self._half):
-                        self._swap(graph, np.concatenate(built) if built else np.zeros(0, np.int64), job)
+                    if start >= len(self._half) and finished:
+                        self._swap(ann, np.concatenate(built) if built else np.zeros(0, np.int64), job)
                         break
                     face_ids, vectors = self._half.rows(start, start + BUILD_CHUNK)
-                graph.add(face_ids, vectors)
+                if len(face_ids) == 0:
+                    ann.finish()             # rows added meanwhile are copied on the next turn
+                    finished = True
+                    continue
+                ann.add(face_ids, vectors)
                 built.append(face_ids)
                 start += len(face_ids)
-            logger.info("gallery %d: HNSW graph of %d faces built in %.1f s", self.gallery_id, len(graph),
-                        time.monotonic() - began)
+            logger.info("gallery %d: inverted file of %d faces in %d lists built in %.1f s", self.gallery_id,
+                        len(ann), ann.lists, time.monotonic() - began)
         except Exception:
-            logger.exception("gallery %d: building the HNSW graph failed; the float16 scan goes on serving",
+            logger.exception("gallery %d: building the inverted file failed; the float16 scan goes on serving",
                              self.gallery_id)
             self._build_failed = True
         finally:
@@ -276,18 +284,18 @@ class SearchIndex:
                     self._job = None
             job.done.release()
 
-    def _swap(self, graph: Graph, built: np.ndarray, job: "_Build") -> None:
-        """Bring the graph level with the float16 rows, then serve from it (lock held).
+    def _swap(self, ann: InvertedFile, built: np.ndarray, job: "_Build") -> None:
+        """Bring the inverted file level with the float16 rows, then serve from it (lock held).
 
         Rows a removal moved into an already copied place were never copied, and faces removed
-        during the build (perhaps added back with another vector) may be in the graph as they were.
+        during the build (perhaps added back with another vector) may be in it as they were.
         """
         current = self._half.face_ids
         removed = np.concatenate(job.removed) if job.removed else np.zeros(0, np.int64)
-        graph.remove(built[~np.isin(built, current) | np.isin(built, removed)])
+        ann.remove(built[~np.isin(built, current) | np.isin(built, removed)])
         missing = current[~np.isin(current, built) | np.isin(current, removed)]
-        graph.add(*self._half.rows_of(missing))
-        self._graph, self._half, self._job = graph, None, None
+        ann.add(*self._half.rows_of(missing))
+        self._ann, self._half, self._job = ann, None, None
 
     # -- search ------------------------------------------------------------------------------
 
@@ -298,10 +306,10 @@ class SearchIndex:
         with self._lock:
             if len(self._members) == 0:
                 return [[] for _ in probes]
-            if self._graph is None:
+            if self._ann is None:
                 return [self._search_half(probe, top_k) for probe in probes]
             if not exact:
-                return self._search_graph(probes, top_k)
+                return self._search_ann(probes, top_k)
             face_ids, identity_ids = self._members.face_ids, self._members.identity_ids
         # the exhaustive scan reads the store without the lock (arrays are replaced, never changed)
         return exhaustive(self.source, face_ids, identity_ids, probes, top_k)
@@ -329,23 +337,22 @@ class SearchIndex:
                 return self._rescore([face_ids[scores >= floor - margin]], probe[None], top_k)[0]
             count *= 4                   # too few identities among the candidates
 
-    def _search_graph(self, probes: np.ndarray, top_k: int) -> list:
-        """Candidates from the graph, rescored; more of them while a probe's candidates hold fewer
-        than ``top_k`` distinct identities."""
+    def _search_ann(self, probes: np.ndarray, top_k: int) -> list:
+        """Candidates from the inverted file, rescored; more of them while a probe's candidates
+        hold fewer than ``top_k`` distinct identities."""
         count, wanted = candidate_count(top_k, self.params), self._distinct(top_k)
-        results = self._graph_hits(probes, count, top_k)
-        while count < min(len(self._graph), MAX_GRAPH_CANDIDATES):
+        results = self._ann_hits(probes, count, top_k)
+        while count < min(len(self._ann), MAX_ANN_CANDIDATES):
             short = [j for j, hits in enumerate(results) if len(hits) < wanted]
             if not short:
                 break
             count *= 4
-            for j, hits in zip(short, self._graph_hits(probes[short], count, top_k)):
+            for j, hits in zip(short, self._ann_hits(probes[short], count, top_k)):
                 results[j] = hits
         return results
 
-    def _graph_hits(self, probes: np.ndarray, count: int, top_k: int) -> list:
-        candidates = self._graph.search(probes, count, self.params.expansion_search)
-        return self._rescore(candidates, probes, top_k)
+    def _ann_hits(self, probes: np.ndarray, count: int, top_k: int) -> list:
+        return self._rescore(self._ann.search(probes, count), probes, top_k)
 
     def _rescore(self, candidates: list, probes: np.ndarray, top_k: int) -> list:
         return rescore(self.source, candidates, self._members.identities, probes, top_k)
@@ -363,7 +370,7 @@ class _Build:
 class Indexes:
     """The search indexes of one process over one store, loaded on first use and kept in step.
 
-    ``params`` says when an index becomes an HNSW graph and how (the settings' ``ann_min_faces``).
+    ``params`` says when an index becomes an inverted file and how (the settings' ``ann_min_faces``).
     """
 
     def __init__(self, store: GalleryStore, params: Optional[SearchParams] = None):

@@ -2,7 +2,7 @@
 gunicorn's fork), its calls run in native threads, off the gevent loop."""
 from __future__ import annotations
 
-from adaface.options import DEFAULT_ANN_EXPANSION_SEARCH, DEFAULT_ANN_MIN_FACES
+from adaface.options import DEFAULT_ANN_MIN_FACES, DEFAULT_ANN_NPROBE
 from adaface.threads import Offloader, allocate_lock
 from gallery.galleries import Galleries
 from gallery.ann import SearchParams
@@ -11,13 +11,13 @@ from gallery.open import check_url, open_store
 
 class GalleryState:
     """The process's :class:`gallery.galleries.Galleries`, opened on first use; galleries of
-    ``ann_min_faces`` faces or more are searched through an HNSW graph (0: never) with a candidate
-    list of ``expansion_search``."""
+    ``ann_min_faces`` faces or more are searched through an inverted file (0: never) scanning
+    ``nprobe`` of its lists."""
 
     def __init__(self, url: str, ann_min_faces: int = DEFAULT_ANN_MIN_FACES,
-                 expansion_search: int = DEFAULT_ANN_EXPANSION_SEARCH):
+                 nprobe: int = DEFAULT_ANN_NPROBE):
         self.url = check_url(url)  # a bad URL stops the app at start (a ValueError)
-        self.search = SearchParams(ann_min_faces=ann_min_faces, expansion_search=expansion_search)
+        self.search = SearchParams(ann_min_faces=ann_min_faces, nprobe=nprobe)
         self._galleries = None
         self._lock = allocate_lock()
         self.offloader = Offloader(size=4)

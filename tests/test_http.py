@@ -661,8 +661,8 @@ def test_no_keys_and_open_galleries_means_open(client):
 # -- operations ------------------------------------------------------------------------------------
 
 def test_gallery_search_settings_reach_the_galleries(make_app):
-    search = make_app(ann_expansion_search=33, ann_min_faces=1234).extensions["adaface_gallery"].search
-    assert (search.expansion_search, search.ann_min_faces) == (33, 1234)
+    search = make_app(ann_nprobe=33, ann_min_faces=1234).extensions["adaface_gallery"].search
+    assert (search.nprobe, search.ann_min_faces) == (33, 1234)
 
 
 def test_livez_readyz_index(client):

@@ -36,7 +36,7 @@ def test_defaults_come_from_the_library():
     ("ADAFACE_MAX_BATCH", "eight", "not a valid int"),
     ("ADAFACE_LOG_LEVEL", "LOUD", "INFO"),
     ("ADAFACE_PRECISION", "fp16", "fp32, int8"),
-    ("ADAFACE_ANN_EXPANSION_SEARCH", "0", "more than 0"),
+    ("ADAFACE_ANN_NPROBE", "0", "more than 0"),
     ("ADAFACE_INT8_MIN_COSINE", "0.5", "between 0.9 and 1.0"),
 ])
 def test_bad_values_are_refused_naming_the_variable(variable, value, words):
